@@ -1,0 +1,56 @@
+# Every target sets up what it needs from nothing: a venv in .venv with the pinned dependencies,
+# the package installed editable, the extension hpml_ops._C built in place (incrementally).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS := $(VENV)/.deps-stamp
+EXT := build/.ext-stamp
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
+
+# /usr/local/bin/nvcc may be a wrapper; the toolkit is /usr/local/cuda (setup.py finds it too).
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+
+.PHONY: setup build test bench gpu-build-check lint format clean
+
+setup: $(DEPS)
+
+$(DEPS): requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	HPML_SKIP_EXT=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(EXT)
+
+# The full compiler output (nvcc -Xptxas=-v: registers, spills, shared memory) stays in
+# build/build.log; the console shows what was built and why.
+$(EXT): $(DEPS) $(SOURCES)
+	mkdir -p build
+	@echo "building hpml_ops._C (log: build/build.log)"
+	@if ! $(PY) setup.py build_ext --inplace > build/build.log 2>&1; then \
+	  tail -n 60 build/build.log; echo "build failed: see build/build.log"; exit 1; fi
+	@grep -E '^\[hpml_ops build\]' build/build.log || true
+	touch $@
+
+test: $(EXT)
+	$(PY) -m pytest -q
+
+bench: $(EXT)
+	$(PY) benchmarks/bench_bce_with_logits.py
+
+gpu-build-check: $(EXT)
+	$(PY) tools/gpu_build_check.py
+
+lint: $(DEPS)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(DEPS)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+clean:
+	rm -rf build hpml_ops/*.so .pytest_cache

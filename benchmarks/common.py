@@ -1,0 +1,171 @@
+"""Shared benchmark machinery: timing (CPU: median of repeats after warm-up; GPU:
+triton.testing.do_bench, which flushes L2), the machine's copy bandwidth measured in the same run,
+run metadata, and the results table / files. Benchmarks are programs, never tests."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 on CPU; bfloat16 on a GPU by default")
+    p.add_argument("--providers", default=None, help="comma-separated subset of the providers")
+    p.add_argument("--modes", default="fwd,bwd,fwd+bwd")
+    p.add_argument("--min-time", type=float, default=0.5, help="CPU: seconds of repeats per row")
+    p.add_argument("--out", default=str(RESULTS), help="directory for the CSV/JSON/markdown")
+    p.add_argument("--tag", default="", help="suffix of the result file names")
+    return p
+
+
+def _git_commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine(device: str) -> dict:
+    info = {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "commit": _git_commit(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "device": device,
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench(
+    fn: Callable[[], object],
+    device: str,
+    *,
+    setup: Callable[[], None] | None = None,
+    min_time: float = 0.5,
+    warmup: int = 2,
+) -> tuple[float, float, float]:
+    """Median, 20th and 80th percentile time of ``fn`` in ms. ``setup`` runs before each call,
+    outside the timed region (e.g. clearing .grad)."""
+    if device.startswith("cuda"):
+        import triton.testing
+
+        def call():
+            if setup is not None:
+                setup()
+            fn()
+
+        q = triton.testing.do_bench(call, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+        return tuple(float(v) for v in q)
+    for _ in range(warmup):
+        if setup is not None:
+            setup()
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start < min_time and len(times) < 200):
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    qs = statistics.quantiles(times, n=10)
+    return statistics.median(times), qs[1], qs[7]
+
+
+def copy_bandwidth(device: str, nbytes: int = 256 << 20) -> float:
+    """GB/s of a large device copy, counting bytes read plus written."""
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ms, _, _ = bench(lambda: dst.copy_(src), device, min_time=1.0)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def write_results(name: str, meta: dict, rows: list[dict], out_dir: str, tag: str = "") -> Path:
+    """Write rows (dicts with the same keys) to <name>_<device><tag>.{csv,json,md} in out_dir;
+    returns the markdown path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}_{meta['device'].split(':')[0]}{tag}"
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+    with open(out / f"{stem}.json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    md = markdown(meta, rows)
+    (out / f"{stem}.md").write_text(md)
+    return out / f"{stem}.md"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return "" if v is None else str(v)
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    head = ", ".join(f"{k}: {v}" for k, v in meta.items() if not isinstance(v, dict | list))
+    keys = list(rows[0].keys())
+    lines = [f"_{head}_", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def env_note() -> str:
+    """What in the environment changes CPU timings (printed with the results)."""
+    notes = []
+    if os.environ.get("THP_MEM_ALLOC_ENABLE"):
+        notes.append("THP_MEM_ALLOC_ENABLE=" + os.environ["THP_MEM_ALLOC_ENABLE"])
+    return ", ".join(notes)

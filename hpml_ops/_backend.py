@@ -1,0 +1,159 @@
+"""Which implementation runs an op: "triton", "cpp" (the compiled extension: C++ kernels for CPU
+tensors, CUDA kernels for CUDA tensors) or "reference" (pure PyTorch). "auto", the default, picks
+triton for CUDA tensors, cpp for CPU tensors and reference otherwise, falling back along that
+order when one is unavailable. The choice is process-wide: ``use_backend`` or ``HPML_BACKEND``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("triton", "cpp", "reference")
+CHOICES = ("auto", *BACKENDS)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The backend asked for cannot run here; the message says why."""
+
+
+def _load_extension():
+    try:
+        from . import _C  # noqa: F401  (importing it registers the torch.ops.hpml kernels)
+
+        return _C, None
+    except ImportError as e:
+        return None, (
+            f"the compiled extension hpml_ops._C could not be imported ({e}); build it with "
+            "`make build` (or `pip install --no-build-isolation -e .`)"
+        )
+
+
+_C, _C_ERROR = _load_extension()
+HAS_EXTENSION = _C is not None
+
+
+def _initial_choice() -> str:
+    name = os.environ.get("HPML_BACKEND", "auto").strip().lower() or "auto"
+    if name not in CHOICES:
+        raise ValueError(f"HPML_BACKEND={name!r} is not one of {', '.join(CHOICES)}")
+    return name
+
+
+_choice = [_initial_choice()]
+
+
+def _triton_interpreting() -> bool:
+    # The kernels module decides when it is first imported (that is when @triton.jit looks).
+    common = sys.modules.get("hpml_ops.kernels._common")
+    if common is not None:
+        return common.INTERPRET
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(name: str, device_type: str) -> str | None:
+    """None if backend ``name`` can run ops on tensors of ``device_type``, else why not."""
+    if name == "reference":
+        return None
+    if name == "cpp":
+        if _C is None:
+            return _C_ERROR
+        if device_type == "cpu":
+            return None
+        if device_type == "cuda":
+            if not _C.WITH_CUDA:
+                return "hpml_ops._C was built without its CUDA kernels (see the build log for why)"
+            return None if torch.cuda.is_available() else "no CUDA device is available"
+        return f"the C++ kernels handle CPU and CUDA tensors, not {device_type}"
+    if name == "triton":
+        try:
+            found = importlib.util.find_spec("triton") is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return "triton is not installed"
+        if device_type == "cuda":
+            return None if torch.cuda.is_available() else "no CUDA device is available"
+        if device_type == "cpu":
+            if _triton_interpreting():
+                return None
+            return (
+                "Triton runs CPU tensors only under its interpreter: set TRITON_INTERPRET=1 "
+                "before importing triton (and hpml_ops)"
+            )
+        return f"Triton kernels handle CUDA tensors (CPU under the interpreter), not {device_type}"
+    raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(CHOICES)}")
+
+
+def _default_device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """The backends that can run ops on tensors of ``device`` (default: CUDA if present, else
+    CPU), in the order "auto" prefers them."""
+    dt = torch.device(device).type if device is not None else _default_device_type()
+    order = ("triton", "cpp", "reference") if dt == "cuda" else ("cpp", "triton", "reference")
+    return [b for b in order if unavailable_reason(b, dt) is None]
+
+
+def backend_status(device: str | torch.device | None = None) -> dict[str, str]:
+    """For each backend: "available", or the reason it is not, for tensors of ``device``."""
+    dt = torch.device(device).type if device is not None else _default_device_type()
+    return {b: unavailable_reason(b, dt) or "available" for b in BACKENDS}
+
+
+def get_backend() -> str:
+    """The current choice: "auto" or a backend name."""
+    return _choice[0]
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops in this block with backend ``name`` ("auto", "triton", "cpp", "reference").
+
+    Raises ``BackendUnavailableError`` at once if the backend cannot run on any device here;
+    device-specific limits (Triton on CPU tensors needs the interpreter) are checked per call.
+    """
+    if name not in CHOICES:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(CHOICES)}")
+    if name != "auto":
+        reasons = {dt: unavailable_reason(name, dt) for dt in ("cpu", "cuda")}
+        if all(reasons.values()):
+            raise BackendUnavailableError(
+                f"backend {name!r} is not available: "
+                + "; ".join(f"{dt} tensors: {r}" for dt, r in reasons.items())
+            )
+    prev = _choice[0]
+    _choice[0] = name
+    try:
+        yield
+    finally:
+        _choice[0] = prev
+
+
+@torch.compiler.assume_constant_result
+def _resolve(choice: str, device_type: str) -> str:
+    if choice == "auto":
+        order = {"cuda": ("triton", "cpp"), "cpu": ("cpp",)}.get(device_type, ())
+        for b in order:
+            if unavailable_reason(b, device_type) is None:
+                return b
+        return "reference"
+    reason = unavailable_reason(choice, device_type)
+    if reason is not None:
+        raise BackendUnavailableError(
+            f"backend {choice!r} cannot run on {device_type} tensors: {reason}"
+        )
+    return choice
+
+
+def resolve(device: torch.device) -> str:
+    """The backend that runs an op on tensors of ``device`` under the current choice. Under
+    torch.compile the answer is fixed when the graph is traced."""
+    return _resolve(_choice[0], device.type)

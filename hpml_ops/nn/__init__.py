@@ -1,0 +1,6 @@
+"""``nn.Module`` drop-ins: each subclasses torch's module and keeps its parameters, buffers and
+``state_dict``."""
+
+from .bce_with_logits import BCEWithLogitsLoss
+
+__all__ = ["BCEWithLogitsLoss"]

@@ -1,0 +1,72 @@
+"""What every op module does the same way: fake kernels, autograd and autocast registration for
+an op's backends, and the dtype rules at the public-function boundary."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+# Only these matter for the registrations below: others (mps, xpu) never reach our ops.
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def register_op_pair(
+    fwd,
+    bwd,
+    *,
+    fake_fwd: Callable,
+    fake_bwd: Callable,
+    setup_context: Callable,
+    backward: Callable,
+    autocast_dtype: torch.dtype | None,
+) -> None:
+    """Register the fake kernels of a forward/backward op pair, the forward's autograd formula
+    (``backward(ctx, grad, bwd_op=bwd)``) and, if ``autocast_dtype`` is given, the forward's
+    autocast policy (floating inputs cast to that dtype, as torch does for its own ops)."""
+    torch.library.register_fake(fwd)(fake_fwd)
+    torch.library.register_fake(bwd)(fake_bwd)
+    torch.library.register_autograd(
+        fwd, functools.partial(backward, bwd_op=bwd), setup_context=setup_context
+    )
+    if autocast_dtype is not None and hasattr(torch.library, "register_autocast"):
+        for dev in _AUTOCAST_DEVICES:
+            torch.library.register_autocast(fwd, dev, autocast_dtype)
+
+
+def autocast_to(dtype: torch.dtype, device_type: str, *tensors: Tensor | None):
+    """Cast as autocast's fp32 policy would, when autocast is on for ``device_type``: fp16/bf16
+    floating tensors to ``dtype``; fp64 and non-floating tensors unchanged."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )
+
+
+def promote(*tensors: Tensor | None):
+    """Cast the tensors (None skipped) to their common dtype; the kernels take one dtype."""
+    present = [t for t in tensors if t is not None]
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in present))
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
+def check_device(name: str, t: Tensor, ref: Tensor, op: str) -> None:
+    if t.device != ref.device:
+        raise RuntimeError(
+            f"{op}: expected {name} on {ref.device} (the input's device), got {t.device}"
+        )
+
+
+def check_floating(name: str, t: Tensor, op: str) -> None:
+    if not t.is_floating_point():
+        raise RuntimeError(f"{op}: expected a floating-point {name}, got {t.dtype}")
+
+
+def broadcastable_to(shape: torch.Size, target: torch.Size) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target), strict=False))

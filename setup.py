@@ -1,0 +1,139 @@
+"""Build ``hpml_ops._C``: the C++ CPU kernels always, the CUDA kernels whenever nvcc and a CUDA
+build of torch are present (a GPU is not needed to compile them).
+
+Environment:
+  HPML_NO_CUDA=1          skip the CUDA sources (the build says so and why)
+  TORCH_CUDA_ARCH_LIST    CUDA archs, default "8.0;9.0"
+  CUDA_HOME               CUDA toolkit; default: /usr/local/cuda if it has bin/nvcc, else the
+                          toolkit that the nvcc on PATH resolves to
+  HPML_SKIP_EXT=1         install the Python package only (the Makefile then builds the extension
+                          in place with `setup.py build_ext --inplace`, incrementally, with its log)
+  HPML_CPU_ISA            "avx2" or "default"; default: avx2 when the build machine has AVX2+FMA
+                          (the extension is built in place, on the machine that runs it)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _say(msg: str) -> None:
+    print(f"[hpml_ops build] {msg}", file=sys.stderr, flush=True)
+
+
+def _find_cuda_home() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        return home
+    # /usr/local/bin/nvcc can be a wrapper script: the toolkit is where the real nvcc lives.
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return None
+
+
+def _cuda_plan() -> tuple[bool, str]:
+    """Decide whether to build the CUDA sources; the reason is printed either way."""
+    if os.environ.get("HPML_NO_CUDA", "0") == "1":
+        return False, "HPML_NO_CUDA=1 is set"
+    import torch
+
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU-only build (no libtorch_cuda)"
+    home = _find_cuda_home()
+    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return False, "no nvcc found (set CUDA_HOME to a CUDA toolkit)"
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported: set it first.
+    os.environ["CUDA_HOME"] = home
+    # With no GPU visible and no arch list, cpp_extension fails with an IndexError.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    return True, (
+        f"nvcc in {home}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+        f"archs {os.environ['TORCH_CUDA_ARCH_LIST']}"
+    )
+
+
+def _cpu_isa() -> str:
+    isa = os.environ.get("HPML_CPU_ISA")
+    if isa:
+        return isa
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "default"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return "default"
+    return "avx2" if (" avx2" in flags and " fma" in flags) else "default"
+
+
+def _extension():
+    with_cuda, reason = _cuda_plan()
+    _say(("building" if with_cuda else "NOT building") + f" the CUDA kernels: {reason}")
+
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    isa = _cpu_isa()
+    if isa == "avx2":
+        # at::vec picks its AVX2 implementation (and Sleef's AVX2 math) from these macros.
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    _say(f"CPU kernels use the {isa} vector ISA")
+    kwargs = dict(
+        name="hpml_ops._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_link_args=["-fopenmp"],
+        py_limited_api=True,
+    )
+    if not with_cuda:
+        return CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
+
+    import torch
+
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    # ATen/cuda/CUDAContext.h includes cuBLAS/cuSPARSE headers; a minimal toolkit lacks them,
+    # torch's nvidia-* wheels ship them.
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    extra_inc = sorted(
+        {
+            os.path.dirname(h)
+            for pat in ("nvidia/*/include/*.h", "nvidia/*/*/include/*.h")
+            for h in glob.glob(os.path.join(site, pat))
+            if os.path.basename(h) in ("cusparse.h", "cublas_v2.h")
+        }
+    )
+    nvcc = ["-O3", "-lineinfo", "-Xptxas=-v", "-DHPML_WITH_CUDA"]
+    kwargs["sources"] = sources
+    kwargs["include_dirs"] = kwargs["include_dirs"] + extra_inc
+    return CUDAExtension(
+        extra_compile_args={"cxx": cxx + ["-DHPML_WITH_CUDA"], "nvcc": nvcc}, **kwargs
+    )
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+if os.environ.get("HPML_SKIP_EXT", "0") == "1":
+    setup()
+    sys.exit(0)
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": _build_ext()},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)

@@ -1,0 +1,72 @@
+"""Shared test helpers: devices, backends, the tolerance table and the comparison rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hpml_ops
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NON_REFERENCE = ("cpp", "triton")
+
+# One table for every op. fp32/fp64: against the float64 oracle, (atol, rtol).
+# fp16/bf16: the error against the float64 oracle may be at most LOWP_FACTOR x torch's own error
+# in that dtype, plus one unit in the last place of the largest reference value (fp32 -> bf16
+# casts truncate under the Triton interpreter, costing up to one ulp).
+TOL = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (1e-5, 1.3e-6),
+}
+LOWP_FACTOR = 2.0
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def backend_params(include_reference: bool = True):
+    """pytest params for every backend; unavailable ones are skipped with the reason."""
+    names = ("cpp", "triton", "reference") if include_reference else NON_REFERENCE
+    out = []
+    for b in names:
+        reason = hpml_ops._backend.unavailable_reason(b, torch.device(DEVICE).type)
+        marks = [pytest.mark.skip(reason=f"backend {b} unavailable: {reason}")] if reason else []
+        out.append(pytest.param(b, marks=marks, id=b))
+    return out
+
+
+def dtype_id(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+def assert_close_to_oracle(
+    ours: torch.Tensor,
+    ref64: torch.Tensor,
+    torch_same_dtype: torch.Tensor | None = None,
+    *,
+    what: str = "",
+) -> None:
+    """Compare a result with the float64 oracle by the tolerance table.
+
+    ``torch_same_dtype`` is PyTorch's own result in ``ours.dtype``; needed for fp16/bf16."""
+    assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
+    o = ours.detach().to(torch.float64).cpu()
+    r = ref64.detach().to(torch.float64).cpu()
+    # Non-finite values must match exactly (NaN where torch has NaN, same infinities).
+    assert torch.equal(o.isnan(), r.isnan()), f"{what}: NaN positions differ"
+    fin = r.isfinite()
+    assert torch.equal(o[~fin & ~r.isnan()], r[~fin & ~r.isnan()]), f"{what}: infinities differ"
+    o, r = o[fin], r[fin]
+    if o.numel() == 0:
+        return
+    if ours.dtype in TOL:
+        atol, rtol = TOL[ours.dtype]
+        torch.testing.assert_close(o, r, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+        return
+    assert torch_same_dtype is not None, "fp16/bf16 comparisons need torch's own result"
+    t = torch_same_dtype.detach().to(torch.float64).cpu()[fin]
+    ulp = torch.finfo(ours.dtype).eps * max(1.0, r.abs().max().item())
+    ours_err = (o - r).abs().max().item()
+    torch_err = (t - r).abs().max().item()
+    bound = LOWP_FACTOR * torch_err + ulp
+    assert ours_err <= bound, (
+        f"{what}: max error {ours_err:.3e} > {LOWP_FACTOR} x torch's {torch_err:.3e} + {ulp:.1e}"
+    )
