@@ -12,47 +12,17 @@
 
 #include "bce_with_logits.h"
 #include "cpu_alloc.h"
+#include "cpu_vec.h"
 #include "hpml_math.h"
 
 namespace hpml {
 namespace {
-
-using at::vec::Vectorized;
 
 // Elements per chunk: a unit of parallel work and of the reduction (fixed, never derived from the
 // number of threads). Eight thousand elements keep a chunk's operands in L1/L2.
 constexpr int64_t kChunk = 8192;
 // Fewer chunks than this run on the calling thread: an OpenMP region costs more than they do.
 constexpr int64_t kGrainChunks = 4;
-
-template <typename scalar_t>
-using opmath_t = at::opmath_type<scalar_t>;
-
-// Load `count` (<= vector size) elements, widened to the accumulation type.
-template <typename scalar_t>
-inline Vectorized<opmath_t<scalar_t>> load(const scalar_t* p, int64_t count) {
-  using acc_t = opmath_t<scalar_t>;
-  using Vec = Vectorized<acc_t>;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return Vec::loadu(p, count);
-  } else {
-    __at_align__ acc_t buf[Vec::size()];
-    for (int64_t k = 0; k < Vec::size(); ++k) buf[k] = k < count ? static_cast<acc_t>(p[k]) : 0;
-    return Vec::loadu(buf);
-  }
-}
-
-template <typename scalar_t>
-inline void store(scalar_t* p, const Vectorized<opmath_t<scalar_t>>& v, int64_t count) {
-  using acc_t = opmath_t<scalar_t>;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    v.store(p, count);
-  } else {
-    __at_align__ acc_t buf[Vectorized<acc_t>::size()];
-    v.store(buf);
-    for (int64_t k = 0; k < count; ++k) p[k] = static_cast<scalar_t>(buf[k]);
-  }
-}
 
 // The values of a broadcast operand for elements [start, start + n): a pointer into its data when
 // it is a full tensor, else copied (runs of memcpy or fill) into `buf`.

@@ -54,13 +54,4 @@ inline void check_bce_grad(const at::Tensor& grad, const at::Tensor& input, int6
   }
 }
 
-template <typename F>
-inline void dispatch_bool(bool b, F&& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 }  // namespace hpml

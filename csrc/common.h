@@ -83,4 +83,14 @@ inline void check_floating_same_dtype(const at::Tensor& ref, const at::Tensor& t
               ref.scalar_type(), " (the input's dtype), got ", t.scalar_type());
 }
 
+// Calls f(std::true_type) or f(std::false_type): a runtime flag made a template argument.
+template <typename F>
+inline void dispatch_bool(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 }  // namespace hpml

@@ -25,6 +25,8 @@ C10_HOST_DEVICE inline float vexp(float x) { return ::expf(x); }
 C10_HOST_DEVICE inline double vexp(double x) { return ::exp(x); }
 C10_HOST_DEVICE inline float vlog1p(float x) { return ::log1pf(x); }
 C10_HOST_DEVICE inline double vlog1p(double x) { return ::log1p(x); }
+C10_HOST_DEVICE inline float vtanh(float x) { return ::tanhf(x); }
+C10_HOST_DEVICE inline double vtanh(double x) { return ::tanh(x); }
 C10_HOST_DEVICE inline float vabs(float x) { return ::fabsf(x); }
 C10_HOST_DEVICE inline double vabs(double x) { return ::fabs(x); }
 // min(a, b) that propagates a NaN in `a` (as std::min(a, b) and at::vec::minimum do).
@@ -42,6 +44,10 @@ inline at::vec::Vectorized<T> vexp(const at::vec::Vectorized<T>& x) {
 template <typename T>
 inline at::vec::Vectorized<T> vlog1p(const at::vec::Vectorized<T>& x) {
   return x.log1p();
+}
+template <typename T>
+inline at::vec::Vectorized<T> vtanh(const at::vec::Vectorized<T>& x) {
+  return x.tanh();
 }
 template <typename T>
 inline at::vec::Vectorized<T> vabs(const at::vec::Vectorized<T>& x) {
@@ -96,6 +102,52 @@ C10_HOST_DEVICE inline T log_sigmoid(T x) {
 template <typename T>
 C10_HOST_DEVICE inline T sigmoid(T x) {
   return T(1.f) / (T(1.f) + vexp(-x));
+}
+
+// ---- activations of linear_act ------------------------------------------------------------------
+// Codes as in the op schemas (csrc/ops.cpp) and hpml_ops/ops/linear_act.py.
+enum class Act : int64_t { None = 0, Relu = 1, LeakyRelu = 2, Sigmoid = 3, Tanh = 4 };
+
+// Select a where pred is true (scalar or vector predicate from a comparison).
+C10_HOST_DEVICE inline float vselect(bool pred, float a, float b) { return pred ? a : b; }
+C10_HOST_DEVICE inline double vselect(bool pred, double a, double b) { return pred ? a : b; }
+#if !defined(__CUDACC__)
+template <typename T>
+inline at::vec::Vectorized<T> vselect(const at::vec::Vectorized<T>& pred,
+                                      const at::vec::Vectorized<T>& a,
+                                      const at::vec::Vectorized<T>& b) {
+  return at::vec::Vectorized<T>::blendv(b, a, pred);
+}
+#endif
+
+// act(z), with torch's formulas: relu keeps NaN (clamp_min), leaky relu is z > 0 ? z : z * slope,
+// sigmoid 1 / (1 + exp(-z)). The ReLU/leaky-ReLU mask bit is z > 0, taken by the caller.
+template <Act A, typename T>
+C10_HOST_DEVICE inline T activate(T z, T slope) {
+  if constexpr (A == Act::Relu) {
+    return vselect(z < T(0.f), T(0.f), z);
+  } else if constexpr (A == Act::LeakyRelu) {
+    return vselect(z > T(0.f), z, z * slope);
+  } else if constexpr (A == Act::Sigmoid) {
+    return sigmoid(z);
+  } else if constexpr (A == Act::Tanh) {
+    return vtanh(z);
+  } else {
+    return z;
+  }
+}
+
+// dL/dz from dL/dy for sigmoid and tanh, from their output y (torch's sigmoid_backward and
+// tanh_backward formulas).
+template <Act A, typename T>
+C10_HOST_DEVICE inline T activation_grad_from_output(T g, T y) {
+  if constexpr (A == Act::Sigmoid) {
+    return g * ((T(1.f) - y) * y);
+  } else if constexpr (A == Act::Tanh) {
+    return g * (T(1.f) - y * y);
+  } else {
+    return g;
+  }
 }
 
 // ---- binary cross-entropy with logits ----------------------------------------------------------

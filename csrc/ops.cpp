@@ -37,4 +37,19 @@ TORCH_LIBRARY(hpml, m) {
   m.def(
       "bce_with_logits_backward(Tensor grad, Tensor input, Tensor target, Tensor? weight, "
       "Tensor? pos_weight, int reduction, bool input_grad, bool target_grad) -> (Tensor, Tensor)");
+
+  // act(input @ weight.T + bias) for a 2-D input (M, K), weight (N, K), bias (N) or None; one
+  // dtype. activation: 0 none, 1 relu, 2 leaky_relu, 3 sigmoid, 4 tanh. Returns (output (M, N),
+  // mask): for relu and leaky_relu the mask holds bit (j % 8) of byte [m, j / 8] = (z[m, j] > 0),
+  // uint8 (M, ceil(N / 8)); for the others it is an empty uint8 tensor.
+  m.def(
+      "linear_act(Tensor input, Tensor weight, Tensor? bias, int activation, "
+      "float negative_slope) -> (Tensor, Tensor)");
+  // Gradients of linear_act from grad (M, N) and what the forward saved: the mask (relu, leaky
+  // relu) or the output (sigmoid, tanh; an empty tensor otherwise). Returns (grad_input (M, K),
+  // grad_weight (N, K), grad_bias (N)); one not asked for is an empty tensor.
+  m.def(
+      "linear_act_backward(Tensor grad, Tensor input, Tensor weight, Tensor output, Tensor mask, "
+      "int activation, float negative_slope, bool input_grad, bool weight_grad, bool bias_grad) "
+      "-> (Tensor, Tensor, Tensor)");
 }

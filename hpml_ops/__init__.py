@@ -13,7 +13,7 @@ from ._backend import (
     get_backend,
     use_backend,
 )
-from .ops import binary_cross_entropy_with_logits
+from .ops import binary_cross_entropy_with_logits, linear_act, linear_relu
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,8 @@ __all__ = [
     "backend_status",
     "binary_cross_entropy_with_logits",
     "get_backend",
+    "linear_act",
+    "linear_relu",
     "nn",
     "reference",
     "use_backend",

@@ -34,3 +34,28 @@ def bce_with_logits(
         reduction=reduction,
         pos_weight=_up(pos_weight, upcast),
     )
+
+
+def linear_act(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    *,
+    upcast: bool = False,
+) -> Tensor:
+    """``act(F.linear(input, weight, bias))`` with torch's own activation, optionally in
+    float64."""
+    z = F.linear(_up(input, upcast), _up(weight, upcast), _up(bias, upcast))
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "leaky_relu":
+        return F.leaky_relu(z, negative_slope)
+    if activation == "sigmoid":
+        return torch.sigmoid(z)
+    if activation == "tanh":
+        return torch.tanh(z)
+    if activation == "none":
+        return z
+    raise ValueError(f"unknown activation {activation!r}")

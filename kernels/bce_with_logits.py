@@ -14,7 +14,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, Bcast, acc_dtype, load_bcast, log_sigmoid, sigmoid, tl_acc_dtype
+from ._common import (
+    INTERPRET,
+    Bcast,
+    acc_dtype,
+    load_bcast,
+    log_sigmoid,
+    sigmoid,
+    tl_acc_dtype,
+    to_dtype,
+)
 
 # Elements per program: 1024 over 4 warps is 8 per thread, 16-byte loads, ~90 registers on sm_90
 # (4096 over 8 warps needed ~200 and capped occupancy). The interpreter runs a block as numpy
@@ -59,7 +68,7 @@ def _bce_fwd_kernel(
     if REDUCE:
         tl.store(out_ptr + pid, tl.sum(tl.where(mask, loss, 0.0), axis=0))
     else:
-        tl.store(out_ptr + offs, loss.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, to_dtype(loss, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -79,7 +88,7 @@ def _sum_partials_kernel(
         # In fp64: n need not be exact in fp32.
         total = total / divisor.to(tl.float64)
     # Through the accumulation dtype: the interpreter's fp64 -> bf16 cast is wrong.
-    tl.store(out_ptr, total.to(p_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr, to_dtype(total.to(p_ptr.dtype.element_ty), out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -128,13 +137,13 @@ def _bce_bwd_kernel(
             d = (t + 1.0 - y) * s - t
         else:
             d = s - y
-        tl.store(gx_ptr + offs, (d * g).to(gx_ptr.dtype.element_ty), mask=mask)
+        tl.store(gx_ptr + offs, to_dtype(d * g, gx_ptr.dtype.element_ty), mask=mask)
     if NEED_GY:
         if PW_MODE != 0:
             d = log_sigmoid(-x) - log_sigmoid(x) * pw
         else:
             d = -x
-        tl.store(gy_ptr + offs, (d * g).to(gy_ptr.dtype.element_ty), mask=mask)
+        tl.store(gy_ptr + offs, to_dtype(d * g, gy_ptr.dtype.element_ty), mask=mask)
 
 
 def _operands(input, target, weight, pos_weight, reduction):

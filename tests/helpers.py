@@ -70,3 +70,51 @@ def assert_close_to_oracle(
     assert ours_err <= bound, (
         f"{what}: max error {ours_err:.3e} > {LOWP_FACTOR} x torch's {torch_err:.3e} + {ulp:.1e}"
     )
+
+
+def up(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The float64 copy the oracle runs on (None stays None)."""
+    return None if t is None else t.detach().to(torch.float64)
+
+
+def forward_backward(fn, args, need, seed: int, gout_dtype: torch.dtype | None = None):
+    """Run ``out = fn(*args)`` with the arguments flagged in ``need`` requiring grad, then the
+    gradients of <out, gout> for a random gout drawn from ``seed`` in ``gout_dtype`` (default: the
+    output's dtype). Returns (out, [grad or None per argument], gout)."""
+    leaves = [
+        a.detach().requires_grad_(True) if (n and a is not None) else a
+        for a, n in zip(args, need, strict=True)
+    ]
+    out = fn(*leaves)
+    g = torch.Generator().manual_seed(seed)
+    gout = torch.randn(out.shape, generator=g).to(gout_dtype or out.dtype).to(out.dtype)
+    gout = gout.to(out.device)
+    grads = [None] * len(args)
+    wanted = [i for i, (a, n) in enumerate(zip(args, need, strict=True)) if n and a is not None]
+    if wanted and out.numel() > 0:
+        got = torch.autograd.grad(out, [leaves[i] for i in wanted], gout)
+        for i, gr in zip(wanted, got, strict=True):
+            grads[i] = gr
+    return out.detach(), grads, gout
+
+
+def check_against_oracle(ours_fn, torch_fn, args, need, seed: int = 0, names=()):
+    """Forward and every requested gradient of ``ours_fn`` against ``torch_fn`` run in float64 on
+    the same values (and, for fp16/bf16, against ``torch_fn``'s own error in that dtype)."""
+    ours, ograds, _ = forward_backward(ours_fn, args, need, seed)
+    ref, rgrads, _ = forward_backward(
+        torch_fn, [up(a) for a in args], need, seed, gout_dtype=ours.dtype
+    )
+    lowp = ours.dtype in (torch.float16, torch.bfloat16)
+    tout, tgrads = None, [None] * len(args)
+    if lowp:
+        tout, tgrads, _ = forward_backward(torch_fn, args, need, seed)
+    assert_close_to_oracle(ours, ref, tout, what="output")
+    names = list(names) or [f"arg{i}" for i in range(len(args))]
+    for name, a, o, r, t in zip(names, args, ograds, rgrads, tgrads, strict=True):
+        if r is None:
+            assert o is None, f"grad_{name}: computed but not asked for"
+            continue
+        assert o.dtype == a.dtype and o.shape == a.shape, f"grad_{name}: {o.dtype} {o.shape}"
+        assert_close_to_oracle(o, r, t, what=f"grad_{name}")
+    return ours

@@ -2,5 +2,6 @@
 ``state_dict``."""
 
 from .bce_with_logits import BCEWithLogitsLoss
+from .linear_act import FusedLinear
 
-__all__ = ["BCEWithLogitsLoss"]
+__all__ = ["BCEWithLogitsLoss", "FusedLinear"]

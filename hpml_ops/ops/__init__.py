@@ -1,5 +1,6 @@
 """The public functions, each backed by torch.library custom ops (one module per op)."""
 
 from .bce_with_logits import binary_cross_entropy_with_logits
+from .linear_act import linear_act, linear_relu
 
-__all__ = ["binary_cross_entropy_with_logits"]
+__all__ = ["binary_cross_entropy_with_logits", "linear_act", "linear_relu"]

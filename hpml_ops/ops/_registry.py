@@ -70,3 +70,43 @@ def broadcastable_to(shape: torch.Size, target: torch.Size) -> bool:
     if len(shape) > len(target):
         return False
     return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target), strict=False))
+
+
+def register_autocast_lower_precision(op) -> None:
+    """Autocast policy of torch's matrix ops for ``op``: under autocast its floating inputs (not
+    fp64) are cast to the current autocast dtype of their device (``torch.get_autocast_dtype``),
+    which ``torch.library.register_autocast``'s fixed dtype cannot express. Mirrors that
+    function's registration (a dispatcher kernel plus the Python kernel used when tracing)."""
+    ns, name = op._schema.name.split("::")
+    lib = _library(ns)
+    for dev in _AUTOCAST_DEVICES:
+        key = "Autocast" + torch._C._dispatch_key_for_device(dev)
+        dispatch_key = getattr(torch._C.DispatchKey, key)
+
+        def cast_and_call(*args, _dev=dev, _dk=dispatch_key):
+            dtype = torch.get_autocast_dtype(_dev)
+            cast = [
+                a.to(dtype)
+                if isinstance(a, Tensor)
+                and a.is_floating_point()
+                and a.device.type == _dev
+                and a.dtype != torch.float64
+                else a
+                for a in args
+            ]
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_dk)):
+                return op(*cast)
+
+        if op.has_kernel_for_dispatch_key(dispatch_key):
+            op.py_kernels.pop(dispatch_key, None)
+        op.py_impl(dispatch_key)(cast_and_call)
+        lib.impl(name, lambda _keyset, *args, _f=cast_and_call: _f(*args), key, with_keyset=True)
+
+
+_LIBS: dict = {}
+
+
+def _library(ns: str):
+    if ns not in _LIBS:
+        _LIBS[ns] = torch.library.Library(ns, "FRAGMENT")
+    return _LIBS[ns]

@@ -1,0 +1,190 @@
+// hpml::linear_act on CPU: the product through ATen's BLAS (at::mm_out: MKL/oneDNN), then one
+// vectorized pass over the output that adds the bias, applies the activation in place and packs
+// the ReLU mask. Backward: one pass that forms dZ = dY * act'(.) and the bias gradient together
+// (per-row-chunk partial sums added in chunk order: the same bits whatever the thread count),
+// then the two products dX = dZ W and dW = dZ^T X through BLAS.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu_alloc.h"
+#include "cpu_vec.h"
+#include "linear_act.h"
+
+namespace hpml {
+namespace {
+
+// Rows per unit of parallel work and per partial bias-gradient sum (fixed).
+constexpr int64_t kRowChunk = 16;
+
+template <typename scalar_t, Act A>
+void epilogue_rows(scalar_t* out, const scalar_t* bias, uint8_t* mask, int64_t r0, int64_t r1,
+                   int64_t N, opmath_t<scalar_t> slope) {
+  using acc_t = opmath_t<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t nb = mask_row_bytes(N);
+  const Vec vslope(slope);
+  __at_align__ acc_t zbuf[V];
+  for (int64_t m = r0; m < r1; ++m) {
+    scalar_t* row = out + m * N;
+    uint8_t* mrow = mask != nullptr ? mask + m * nb : nullptr;
+    if (mrow != nullptr) std::memset(mrow, 0, nb);
+    for (int64_t j = 0; j < N; j += V) {
+      const int64_t c = std::min<int64_t>(V, N - j);
+      Vec z = load(row + j, c);
+      if (bias != nullptr) z = z + load(bias + j, c);
+      if (mrow != nullptr) {
+        z.store(zbuf);
+        for (int64_t k = 0; k < c; ++k)
+          mrow[(j + k) >> 3] |= static_cast<uint8_t>(zbuf[k] > acc_t(0)) << ((j + k) & 7);
+      }
+      store(row + j, math::activate<A>(z, vslope), c);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_act_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                                  const std::optional<at::Tensor>& bias,
+                                                  int64_t activation, double negative_slope) {
+  const Act act = check_linear_act(input, weight, bias, activation);
+  const int64_t M = input.size(0), N = weight.size(0);
+  const bool has_bias = bias.has_value() && bias->defined();
+  // fp16/bf16: the bias goes into the product (addmm), so the output is rounded once, after it,
+  // and the sign the mask records is that of the fp32 accumulation, as torch's. fp32/fp64: the
+  // bias is added in the epilogue pass, which saves addmm's copy of the bias into the output.
+  const bool reduced = at::isReducedFloatingType(input.scalar_type());
+  at::Tensor out = empty_cpu_output({M, N}, input.scalar_type());
+  if (reduced && has_bias) {
+    at::addmm_out(out, *bias, input, weight.t());
+  } else {
+    at::mm_out(out, input, weight.t());  // ATen handles any strides of input and weight
+  }
+  at::Tensor mask = at::empty(act_uses_mask(act) ? at::IntArrayRef{M, mask_row_bytes(N)}
+                                                 : at::IntArrayRef{0},
+                              input.options().dtype(at::kByte));
+  const bool bias_in_epilogue = has_bias && !reduced;
+  if (M * N == 0 || (act == Act::None && !bias_in_epilogue)) return {out, mask};
+  const at::Tensor b = bias_in_epilogue ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "hpml::linear_act (CPU)", [&] {
+        scalar_t* o = out.mutable_data_ptr<scalar_t>();
+        const scalar_t* bp = bias_in_epilogue ? b.const_data_ptr<scalar_t>() : nullptr;
+        uint8_t* mp = act_uses_mask(act) ? mask.mutable_data_ptr<uint8_t>() : nullptr;
+        const auto slope = static_cast<opmath_t<scalar_t>>(negative_slope);
+        dispatch_act(act, [&](auto a) {
+          at::parallel_for(0, M, kRowChunk, [&](int64_t r0, int64_t r1) {
+            epilogue_rows<scalar_t, decltype(a)::value>(o, bp, mp, r0, r1, N, slope);
+          });
+        });
+      });
+  return {out, mask};
+}
+
+// dZ for rows [r0, r1) into dz (may alias nothing else), and their column sums into db_part.
+template <typename scalar_t, Act A>
+void dz_rows(const scalar_t* g, const scalar_t* y, const uint8_t* mask, scalar_t* dz,
+             opmath_t<scalar_t>* db_part, int64_t r0, int64_t r1, int64_t N,
+             opmath_t<scalar_t> slope) {
+  using acc_t = opmath_t<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t nb = mask_row_bytes(N);
+  const Vec vslope(slope), zero(acc_t(0));
+  __at_align__ acc_t bits[V];
+  for (int64_t m = r0; m < r1; ++m) {
+    const scalar_t* grow = g + m * N;
+    for (int64_t j = 0; j < N; j += V) {
+      const int64_t c = std::min<int64_t>(V, N - j);
+      const Vec gv = load(grow + j, c);
+      Vec d;
+      if constexpr (A == Act::Relu || A == Act::LeakyRelu) {
+        const uint8_t* mrow = mask + m * nb;
+        for (int64_t k = 0; k < V; ++k) {
+          const int64_t col = j + k;
+          bits[k] = (k < c && ((mrow[col >> 3] >> (col & 7)) & 1)) ? acc_t(1) : acc_t(0);
+        }
+        const Vec on = Vec::loadu(bits) > zero;
+        // A select, as torch's threshold_backward: a NaN gradient where the mask is off is 0.
+        d = math::vselect(on, gv, A == Act::Relu ? zero : gv * vslope);
+      } else if constexpr (A == Act::Sigmoid || A == Act::Tanh) {
+        d = math::activation_grad_from_output<A>(gv, load(y + m * N + j, c));
+      } else {
+        d = gv;
+      }
+      if (dz != nullptr) store(dz + m * N + j, d, c);
+      if (db_part != nullptr) {
+        if (c < V) d = Vec::set(zero, d, c);
+        (Vec::loadu(db_part + j, c) + d).store(db_part + j, c);
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& output, const at::Tensor& mask, int64_t activation, double negative_slope,
+    bool input_grad, bool weight_grad, bool bias_grad) {
+  const Act act = check_linear_act_backward(grad, input, weight, output, mask, activation);
+  const int64_t M = input.size(0), N = weight.size(0);
+  const auto dt = input.scalar_type();
+  const at::Tensor g = grad.contiguous();
+  // With no activation dZ is the incoming gradient itself.
+  const bool need_dz = act != Act::None && (input_grad || weight_grad);
+  at::Tensor dz = need_dz ? empty_cpu_output({M, N}, dt) : g;
+  at::Tensor db = at::empty(bias_grad ? at::IntArrayRef{N} : at::IntArrayRef{0}, input.options());
+  if ((need_dz || bias_grad) && M * N > 0) {
+    const at::Tensor y = act_uses_output(act) ? output.contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, dt, "hpml::linear_act_backward (CPU)", [&] {
+          using acc_t = opmath_t<scalar_t>;
+          const int64_t nchunks = (M + kRowChunk - 1) / kRowChunk;
+          std::vector<acc_t> parts(bias_grad ? nchunks * N : 0, acc_t(0));
+          const scalar_t* gp = g.const_data_ptr<scalar_t>();
+          const scalar_t* yp = y.defined() ? y.const_data_ptr<scalar_t>() : nullptr;
+          const uint8_t* mp = act_uses_mask(act) ? mask.const_data_ptr<uint8_t>() : nullptr;
+          scalar_t* dzp = need_dz ? dz.mutable_data_ptr<scalar_t>() : nullptr;
+          const auto slope = static_cast<acc_t>(negative_slope);
+          dispatch_act(act, [&](auto a) {
+            at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+              for (int64_t c = c0; c < c1; ++c) {
+                dz_rows<scalar_t, decltype(a)::value>(
+                    gp, yp, mp, dzp, bias_grad ? parts.data() + c * N : nullptr, c * kRowChunk,
+                    std::min(M, (c + 1) * kRowChunk), N, slope);
+              }
+            });
+          });
+          if (bias_grad) {
+            // Chunk order, in the accumulation dtype: independent of the thread count.
+            std::vector<acc_t> total(N, acc_t(0));
+            for (int64_t c = 0; c < nchunks; ++c)
+              for (int64_t j = 0; j < N; ++j) total[j] += parts[c * N + j];
+            scalar_t* dbp = db.mutable_data_ptr<scalar_t>();
+            for (int64_t j = 0; j < N; ++j) dbp[j] = static_cast<scalar_t>(total[j]);
+          }
+        });
+  } else if (bias_grad) {
+    db.zero_();
+  }
+  at::Tensor dx = empty_cpu_output(input_grad ? input.sizes() : at::IntArrayRef{0}, dt);
+  at::Tensor dw = empty_cpu_output(weight_grad ? weight.sizes() : at::IntArrayRef{0}, dt);
+  if (input_grad) at::mm_out(dx, dz, weight);
+  if (weight_grad) at::mm_out(dw, dz.t(), input);
+  return {dx, dw, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hpml, CPU, m) {
+  m.impl("linear_act", &linear_act_cpu);
+  m.impl("linear_act_backward", &linear_act_backward_cpu);
+}
+
+}  // namespace hpml

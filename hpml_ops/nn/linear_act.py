@@ -1,0 +1,45 @@
+"""``FusedLinear``: ``nn.Linear`` followed by an activation, in one fused op."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops.linear_act import ACTIVATIONS, linear_act
+
+
+class FusedLinear(torch.nn.Linear):
+    """Drop-in for ``torch.nn.Linear`` (+ an activation): same constructor arguments first, same
+    parameters, same initialisation, same ``state_dict`` (a checkpoint of a plain ``nn.Linear``
+    loads into it, and back); the forward runs ``hpml_ops.linear_act``.
+
+    Shapes: input ``(*, in_features)``, output ``(*, out_features)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        activation: str = "relu",
+        negative_slope: float = 0.01,
+        device=None,
+        dtype=None,
+    ) -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"FusedLinear: activation must be one of {', '.join(map(repr, ACTIVATIONS))}, "
+                f"got {activation!r}"
+            )
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def forward(self, input: Tensor) -> Tensor:
+        return linear_act(input, self.weight, self.bias, self.activation, self.negative_slope)
+
+    def extra_repr(self) -> str:
+        s = f"{super().extra_repr()}, activation={self.activation}"
+        if self.activation == "leaky_relu":
+            s += f", negative_slope={self.negative_slope}"
+        return s

@@ -1,0 +1,348 @@
+"""hpml_ops.linear_act / FusedLinear against torch computed in float64 from the same inputs:
+forward and the three gradients, every backend, dtype and activation, with and without bias,
+1-D / empty / one-row / prime / 3-D inputs, out_features not a multiple of 8, non-contiguous
+views; the saved mask's size; gradcheck, opcheck, torch.compile over an MLP, bad input, the
+module as a drop-in, autocast, TF32 policy, determinism.
+
+bf16 runs under the interpreter too: the Triton kernels do their bf16 dots in fp32 there (the
+interpreter's bf16 dot is wrong); only a GPU runs the bf16 tensor-core path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hpml_ops
+from hpml_ops.ops.linear_act import _OPS, ACTIVATIONS
+from tests.helpers import DEVICE, DTYPES, backend_params, check_against_oracle, dtype_id
+
+pytestmark = pytest.mark.usefixtures("poisoned")
+
+ACTS = tuple(ACTIVATIONS)
+# (input shape, out_features): 1-D input, empty batch, one row, primes (97 x 53 -> 61), 3-D,
+# out_features below / not a multiple of 8 and 1, in_features 1.
+SHAPES = [
+    ((53,), 61),
+    ((0, 53), 61),
+    ((1, 53), 61),
+    ((97, 53), 61),
+    ((2, 5, 17), 33),
+    ((16, 8), 7),
+    ((9, 13), 1),
+    ((31, 1), 12),
+]
+
+
+def _make(shape, n, dtype, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    k = shape[-1]
+    x = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(DEVICE, dtype)
+    b = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
+    return x, w, b
+
+
+def _ours(backend, activation, slope=0.01):
+    def fn(x, w, b):
+        with hpml_ops.use_backend(backend):
+            return hpml_ops.linear_act(x, w, b, activation, slope)
+
+    return fn
+
+
+def _torch(activation, slope=0.01):
+    return lambda x, w, b: hpml_ops.reference.linear_act(x, w, b, activation, slope)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend", backend_params())
+def test_parity(backend, dtype, shape, activation, bias):
+    x, w, b = _make(*shape, dtype, seed=len(shape[0]) * 100 + shape[1], bias=bias)
+    out = check_against_oracle(
+        _ours(backend, activation),
+        _torch(activation),
+        (x, w, b),
+        (True, True, bias),
+        names=("input", "weight", "bias"),
+    )
+    assert out.shape == (*shape[0][:-1], shape[1])
+
+
+@pytest.mark.parametrize("slope", [0.2, -0.5])
+@pytest.mark.parametrize("backend", backend_params(include_reference=False))
+def test_leaky_relu_slopes(backend, slope):
+    x, w, b = _make((23, 19), 17, torch.float32, 4)
+    check_against_oracle(
+        _ours(backend, "leaky_relu", slope),
+        _torch("leaky_relu", slope),
+        (x, w, b),
+        (True, True, True),
+    )
+
+
+@pytest.mark.parametrize(
+    "need",
+    [(True, False, False), (False, True, False), (False, False, True), (False, True, True)],
+    ids=["x", "w", "b", "wb"],
+)
+@pytest.mark.parametrize("backend", backend_params(include_reference=False))
+def test_only_some_gradients(backend, need):
+    x, w, b = _make((19, 11), 13, torch.float32, 5)
+    check_against_oracle(_ours(backend, "relu"), _torch("relu"), (x, w, b), need)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+@pytest.mark.parametrize("backend", backend_params(include_reference=False))
+def test_non_contiguous(backend, activation):
+    """A transposed weight (stored (in, out)), a strided slice of a larger input, a strided
+    bias."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(29, 46, generator=g).to(DEVICE)[:, ::2]  # (29, 23), stride 2 along K
+    w = (torch.randn(23, 37, generator=g) / 5).to(DEVICE).t()  # (37, 23), transposed
+    b = torch.randn(74, generator=g).to(DEVICE)[::2]
+    assert not (x.is_contiguous() or w.is_contiguous() or b.is_contiguous())
+    check_against_oracle(
+        _ours(backend, activation), _torch(activation), (x, w, b), (True, True, True)
+    )
+
+
+@pytest.mark.parametrize("backend", backend_params(include_reference=False))
+def test_non_contiguous_grad(backend):
+    """An upstream gradient that is a transposed view."""
+    x, w, b = _make((12, 9), 10, torch.float32, 7)
+    xx, ww = x.requires_grad_(), w.requires_grad_()
+    with hpml_ops.use_backend(backend):
+        y = hpml_ops.linear_act(xx, ww, b, "relu")
+    gy = torch.randn(10, 12, device=DEVICE).t()
+    gx, gw = torch.autograd.grad(y, (xx, ww), gy)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    yr = torch.relu(torch.nn.functional.linear(xr, wr, b.double()))
+    rx, rw = torch.autograd.grad(yr, (xr, wr), gy.double())
+    torch.testing.assert_close(gx.double(), rx, atol=1e-5, rtol=1.3e-6)
+    torch.testing.assert_close(gw.double(), rw, atol=1e-5, rtol=1.3e-6)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 61, 64])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "sigmoid", "none"])
+@pytest.mark.parametrize("backend", backend_params(include_reference=False))
+def test_saved_for_backward(backend, activation, n):
+    """ReLU / leaky ReLU keep 1 bit per output element (rows padded to whole bytes), never the
+    pre-activation or the output; sigmoid keeps the output; 'none' keeps neither."""
+    m, k = 13, 9
+    x, w, b = _make((m, k), n, torch.float32, 8)
+    fwd, _ = _OPS[backend]
+    out, mask = fwd(x, w, b, ACTIVATIONS[activation], 0.01)
+    if activation in ("relu", "leaky_relu"):
+        assert mask.dtype == torch.uint8 and mask.shape == (m, (n + 7) // 8)
+        z = torch.nn.functional.linear(x, w, b)
+        bits = (mask.cpu()[:, :, None] >> torch.arange(8)) & 1
+        assert torch.equal(bits.reshape(m, -1)[:, :n].bool(), (z > 0).cpu())
+        assert not bits.reshape(m, -1)[:, n:].any(), "padding bits must be 0"
+    else:
+        assert mask.numel() == 0
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    xx, ww, bb = x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with hpml_ops.use_backend(backend):
+            hpml_ops.linear_act(xx, ww, bb, activation)
+    extra = [
+        t
+        for t in saved
+        if not (
+            t is xx or t is ww or t.data_ptr() == xx.data_ptr() or t.data_ptr() == ww.data_ptr()
+        )
+    ]
+    nbytes = sum(t.numel() * t.element_size() for t in extra)
+    expected = {
+        "relu": m * ((n + 7) // 8),
+        "leaky_relu": m * ((n + 7) // 8),
+        "sigmoid": m * n * 4,
+        "none": 0,
+    }[activation]
+    assert nbytes == expected, f"saved {[(t.dtype, tuple(t.shape)) for t in extra]}"
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("backend", backend_params(include_reference=False))
+def test_gradcheck(backend, activation):
+    x, w, b = _make((5, 4), 3, torch.float64, 9)
+    f = _ours(backend, activation)
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_()))
+
+
+@pytest.mark.parametrize("backend", backend_params(include_reference=False))
+def test_opcheck(backend):
+    fwd, bwd = _OPS[backend]
+    for act in ACTIVATIONS.values():
+        for bias in (True, False):
+            x, w, b = _make((6, 5), 11, torch.float32, act, bias)
+            torch.library.opcheck(fwd, (x.requires_grad_(), w.requires_grad_(), b, act, 0.1))
+            out, mask = fwd(x.detach(), w.detach(), b, act, 0.1)
+            g = torch.randn_like(out)
+            saved = out if act in (3, 4) else out.new_empty((0,))
+            for flags in ((True, True, bias), (False, True, False)):
+                torch.library.opcheck(
+                    bwd, (g, x.detach(), w.detach(), saved, mask, act, 0.1, *flags)
+                )
+
+
+@pytest.mark.parametrize("backend", backend_params(include_reference=False))
+def test_compile_mlp_fullgraph(backend):
+    """An MLP of FusedLinear layers compiles with no graph break; outputs and gradients match
+    eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(
+        hpml_ops.nn.FusedLinear(12, 16, activation="relu"),
+        hpml_ops.nn.FusedLinear(16, 9, activation="tanh"),
+        hpml_ops.nn.FusedLinear(9, 1, activation="none"),
+    ).to(DEVICE)
+    x = torch.randn(20, 12, device=DEVICE)
+    with hpml_ops.use_backend(backend):
+        eager = mlp(x)
+        eager.sum().backward()
+        g_eager = [p.grad.clone() for p in mlp.parameters()]
+        mlp.zero_grad()
+        compiled = torch.compile(mlp, fullgraph=True)(x)
+        compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
+    for p, ge in zip(mlp.parameters(), g_eager, strict=True):
+        torch.testing.assert_close(p.grad, ge, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_bad_inputs(backend):
+    x = torch.randn(4, 5, device=DEVICE)
+    w = torch.randn(3, 5, device=DEVICE)
+    la = hpml_ops.linear_act
+    with hpml_ops.use_backend(backend):
+        with pytest.raises(
+            RuntimeError,
+            match=r"input of shape \(4, 6\) has in_features=6 but "
+            r"weight of shape \(3, 5\) expects in_features=5",
+        ):
+            la(torch.randn(4, 6, device=DEVICE), w)
+        with pytest.raises(RuntimeError, match=r"weight must be 2-D .* got shape \(5,\)"):
+            la(x, torch.randn(5, device=DEVICE))
+        with pytest.raises(RuntimeError, match=r"weight must be 2-D .* got shape \(1, 3, 5\)"):
+            la(x, w[None])
+        with pytest.raises(
+            RuntimeError, match=r"bias of shape \(4,\) does not match out_features=3"
+        ):
+            la(x, w, torch.randn(4, device=DEVICE))
+        with pytest.raises(
+            RuntimeError, match=r"expected weight on .* \(the input's device\), got meta"
+        ):
+            la(x, w.to("meta"))
+        with pytest.raises(
+            RuntimeError, match="expected weight of dtype torch.float32 .* got torch.float64"
+        ):
+            la(x, w.double())
+        with pytest.raises(RuntimeError, match="floating-point input, got torch.int64"):
+            la(x.long(), w)
+        with pytest.raises(ValueError, match="activation must be one of .* got 'gelu'"):
+            la(x, w, activation="gelu")
+        with pytest.raises(RuntimeError, match="at least 1-D"):
+            la(torch.tensor(1.0, device=DEVICE), w)
+
+
+@pytest.mark.parametrize("backend", backend_params(include_reference=False))
+def test_bad_inputs_direct_op_call(backend):
+    fwd, bwd = _OPS[backend]
+    x, w, _ = _make((4, 5), 3, torch.float32, 1)
+    with pytest.raises(RuntimeError, match="in_features"):
+        fwd(x, torch.randn(3, 6, device=DEVICE), None, 1, 0.0)
+    with pytest.raises(RuntimeError, match="dtype"):
+        fwd(x, w.double(), None, 1, 0.0)
+    with pytest.raises(RuntimeError, match="activation"):
+        fwd(x, w, None, 9, 0.0)
+
+
+def test_fused_linear_is_a_drop_in():
+    torch.manual_seed(3)
+    plain = torch.nn.Linear(7, 5)
+    torch.manual_seed(3)
+    fused = hpml_ops.nn.FusedLinear(7, 5, activation="relu")
+    assert isinstance(fused, torch.nn.Linear)
+    # Same initialisation from the same seed, same parameters and state_dict keys.
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    for k, v in plain.state_dict().items():
+        assert torch.equal(fused.state_dict()[k], v)
+    other = hpml_ops.nn.FusedLinear(7, 5, activation="tanh")
+    other.load_state_dict(plain.state_dict())  # a plain checkpoint loads ...
+    plain2 = torch.nn.Linear(7, 5)
+    plain2.load_state_dict(other.state_dict())  # ... and back
+    x = torch.randn(4, 7)
+    torch.testing.assert_close(other(x), torch.tanh(plain(x)), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(plain2(x), plain(x))
+    assert "activation=tanh" in repr(other)
+    nb = hpml_ops.nn.FusedLinear(3, 2, bias=False, activation="none", dtype=torch.float64)
+    assert nb.bias is None and nb.weight.dtype == torch.float64
+    with pytest.raises(ValueError, match="activation must be one of"):
+        hpml_ops.nn.FusedLinear(3, 2, activation="swish")
+
+
+def test_linear_relu_alias():
+    x, w, b = _make((6, 4), 3, torch.float32, 2)
+    torch.testing.assert_close(hpml_ops.linear_relu(x, w, b), hpml_ops.linear_act(x, w, b, "relu"))
+
+
+@pytest.mark.parametrize("backend", backend_params(include_reference=False))
+def test_autocast(backend):
+    """Under autocast the product runs in the autocast dtype, as F.linear; the registered op
+    follows the same policy when called directly."""
+    amp = torch.bfloat16 if DEVICE == "cpu" else torch.float16
+    x, w, b = _make((8, 6), 5, torch.float32, 3)
+    fwd, _ = _OPS[backend]
+    with torch.autocast(DEVICE, dtype=amp), hpml_ops.use_backend(backend):
+        ours = hpml_ops.linear_act(x, w, b, "relu")
+        ref = torch.relu(torch.nn.functional.linear(x, w, b))
+        direct, _ = fwd(x, w, b, 1, 0.0)
+    assert ours.dtype == ref.dtype == direct.dtype == amp
+    torch.testing.assert_close(ours.float(), ref.float(), atol=3e-2, rtol=2e-2)
+
+
+def test_fp32_means_ieee_by_default():
+    from hpml_ops.ops.linear_act import _allow_tf32
+
+    prev = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        assert not _allow_tf32()
+        torch.set_float32_matmul_precision("high")
+        assert _allow_tf32()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev[0]
+        torch.set_float32_matmul_precision(prev[1])
+
+
+@pytest.mark.parametrize("backend", backend_params(include_reference=False))
+def test_deterministic(backend):
+    x, w, b = _make((300, 40), 24, torch.float32, 11)
+    f = _ours(backend, "relu")
+
+    def run():
+        xx, ww, bb = (t.detach().requires_grad_() for t in (x, w, b))
+        y = f(xx, ww, bb)
+        y.backward(torch.ones_like(y))
+        return y, xx.grad, ww.grad, bb.grad
+
+    a, c = run(), run()
+    assert all(torch.equal(p, q) for p, q in zip(a, c, strict=True))
+    if backend == "cpp" and DEVICE == "cpu":
+        prev = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = run()
+        finally:
+            torch.set_num_threads(prev)
+        assert torch.equal(one[3], a[3]), "bias gradient depends on the thread count"
