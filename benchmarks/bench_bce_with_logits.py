@@ -1,14 +1,15 @@
-"""Benchmark: binary cross-entropy with logits (reduction="mean", no weights), forward, backward
-and forward+backward, for every provider, side by side in one run.
+"""Benchmark: binary cross-entropy with logits (reduction="mean", no weights), forward, backward and
+forward+backward, for every provider, side by side in one run.
 
-Bytes the op must move (s = element size, N elements): forward reads input and target, 2Ns;
-backward reads them again and writes grad_input, 3Ns (the upstream gradient is one scalar);
-forward+backward 5Ns. (A forward that also wrote grad_input would move 3Ns in all, but it writes
-N elements that an evaluation-only forward never needs, and the backward must still scale them by
-the upstream gradient unless it reads that gradient on the host.) Rates are reported against the
-copy bandwidth measured in the same run. Per element the forward also does one exp, one
-division and a degree-7 polynomial (log1p), the backward one exp and one division: compute, not
-only bytes, bounds the CPU.
+Providers are timed interleaved (eager first) on the CPU; "vs_eager" is the median of the per-
+round ratios. Bytes the op must move (s = element size, N elements): forward reads input and
+target, 2Ns; backward reads them again and writes grad_input, 3Ns (the upstream gradient is one
+scalar); forward+backward 5Ns. (A forward that also wrote grad_input would move 3Ns in all, but it
+writes N elements that an evaluation-only forward never needs, and the backward must still scale
+them by the upstream gradient unless it reads that gradient on the host.) Rates are reported
+against the copy bandwidth measured in the same run. Per element the forward also does one exp,
+one division and a degree-7 polynomial (log1p), the backward one exp and one division: compute,
+not only bytes, bounds the CPU.
 
     python benchmarks/bench_bce_with_logits.py [--device cpu|cuda] [--sizes 16,18,...]
 """
@@ -19,7 +20,14 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from common import base_parser, bench, copy_bandwidth, env_note, machine, write_results
+from common import (
+    base_parser,
+    bench_side_by_side,
+    copy_bandwidth,
+    env_note,
+    machine,
+    write_results,
+)
 
 import hpml_ops
 
@@ -43,7 +51,8 @@ def unavailable(provider: str, device: str) -> str | None:
     return hpml_ops._backend.unavailable_reason(provider, dt)
 
 
-def run_row(provider, fn, mode, n, dtype, device, min_time):
+def make_case(fn, mode: str, n: int, dtype, device: str):
+    """(call, setup) for one mode on fresh inputs of n elements."""
     g = torch.Generator(device="cpu").manual_seed(n)
     x = (torch.randn(n, generator=g) * 3).to(device, dtype).requires_grad_()
     y = torch.rand(n, generator=g).to(device, dtype)
@@ -52,13 +61,19 @@ def run_row(provider, fn, mode, n, dtype, device, min_time):
         x.grad = None
 
     if mode == "fwd":
-        return bench(lambda: fn(x, y), device, min_time=min_time)
+        return (lambda: fn(x, y)), None
     if mode == "bwd":
         loss = fn(x, y)
-        return bench(
-            lambda: loss.backward(retain_graph=True), device, setup=clear, min_time=min_time
-        )
-    return bench(lambda: fn(x, y).backward(), device, setup=clear, min_time=min_time)
+        return (lambda: loss.backward(retain_graph=True)), clear
+    return (lambda: fn(x, y).backward()), clear
+
+
+def with_backend(fn, backend: str):
+    def run(*args):
+        with hpml_ops.use_backend(backend):
+            return fn(*args)
+
+    return run
 
 
 def main(argv=None) -> int:
@@ -92,43 +107,46 @@ def main(argv=None) -> int:
         if why:
             print(f"# {prov}: skipped: {why}")
 
+    live = [p for p in providers if not unavailable(p, device)]
     rows = []
     for log2n in sizes:
         n = 1 << log2n
         # One compiled function per size (shapes static): forward and backward graphs are
         # compiled on its first call and reused by every mode.
         torch._dynamo.reset()
-        compiled = torch.compile(_torch_fn, dynamic=False) if "compile" in providers else None
+        fns = {
+            "eager": _torch_fn,
+            "cpp": with_backend(_ours_fn, "cpp"),
+            "triton": with_backend(_ours_fn, "triton"),
+        }
+        if "compile" in live:
+            fns["compile"] = torch.compile(_torch_fn, dynamic=False)
         for mode in modes:
             nbytes = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[mode] * n * elt
-            eager_ms = None
-            for prov in providers:
-                if unavailable(prov, device):
-                    continue
-                fn = {"eager": _torch_fn, "compile": compiled}.get(prov, _ours_fn)
-                backend = prov if prov in ("cpp", "triton") else "auto"
-                with hpml_ops.use_backend(backend):
-                    ms, lo, hi = run_row(prov, fn, mode, n, dtype, device, args.min_time)
-                if prov == "eager":
-                    eager_ms = ms
-                gbs = nbytes / (ms * 1e-3) / 1e9
+            res = bench_side_by_side(
+                {p: make_case(fns[p], mode, n, dtype, device) for p in live},
+                device,
+                min_time=args.min_time,
+            )
+            for prov in live:
+                r = res[prov]
+                gbs = nbytes / (r["ms"] * 1e-3) / 1e9
                 rows.append(
                     {
                         "n": f"2^{log2n}",
                         "mode": mode,
                         "provider": prov,
-                        "ms": round(ms, 4),
-                        "ms_p20": round(lo, 4),
-                        "ms_p80": round(hi, 4),
+                        "ms": round(r["ms"], 4),
+                        "ms_p20": round(r["p20"], 4),
+                        "ms_p80": round(r["p80"], 4),
                         "GBps": round(gbs, 2),
                         "of_copy": round(gbs / copy_gbs, 3),
-                        "vs_eager": round(eager_ms / ms, 2) if eager_ms else None,
+                        "vs_eager": round(r["vs_first"], 2) if live[0] == "eager" else None,
                     }
                 )
-                r = rows[-1]
                 print(
-                    f"{r['n']:>5} {mode:>8} {prov:>8}: {ms:9.3f} ms  {gbs:7.2f} GB/s "
-                    f"({r['of_copy']:.1%} of copy)  {r['vs_eager'] or '':>5}x eager",
+                    f"2^{log2n:<3} {mode:>8} {prov:>8}: {r['ms']:9.3f} ms  {gbs:7.2f} GB/s "
+                    f"({gbs / copy_gbs:.1%} of copy)  {r['vs_first']:5.2f}x eager",
                     flush=True,
                 )
     path = write_results("bce_with_logits", meta, rows, args.out, args.tag)

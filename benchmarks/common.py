@@ -124,6 +124,58 @@ def bench(
     return statistics.median(times), qs[1], qs[7]
 
 
+def bench_side_by_side(
+    cases: dict[str, tuple[Callable[[], object], Callable[[], None] | None]],
+    device: str,
+    *,
+    min_time: float = 0.5,
+    warmup: int = 2,
+) -> dict[str, dict]:
+    """Time several providers of the same work. On the CPU their repeats are interleaved (A, B,
+    C, A, B, C, ...) so that every provider sees the same moments of a shared, noisy machine, and
+    each provider's speed relative to the first is the median of the per-round ratios; on a GPU
+    each is timed by do_bench in turn. ``cases``: name -> (fn, setup or None), setup running
+    before each call outside the timed region. Returns name -> {ms, p20, p80, vs_first}."""
+    names = list(cases)
+    if device.startswith("cuda"):
+        out = {}
+        for name in names:
+            fn, setup = cases[name]
+            ms, lo, hi = bench(fn, device, setup=setup)
+            out[name] = {"ms": ms, "p20": lo, "p80": hi}
+        for name in names:
+            out[name]["vs_first"] = out[names[0]]["ms"] / out[name]["ms"]
+        return out
+    for _ in range(warmup):
+        for fn, setup in cases.values():
+            if setup is not None:
+                setup()
+            fn()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < 5 or (time.perf_counter() - start < min_time * len(names) and rounds < 200):
+        for name in names:
+            fn, setup = cases[name]
+            if setup is not None:
+                setup()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    out = {}
+    for name in names:
+        qs = statistics.quantiles(times[name], n=10)
+        ratios = [a / b for a, b in zip(times[names[0]], times[name], strict=True)]
+        out[name] = {
+            "ms": statistics.median(times[name]),
+            "p20": qs[1],
+            "p80": qs[7],
+            "vs_first": statistics.median(ratios),
+        }
+    return out
+
+
 def copy_bandwidth(device: str, nbytes: int = 256 << 20) -> float:
     """GB/s of a large device copy, counting bytes read plus written."""
     src = torch.randn(nbytes // 4, device=device)

@@ -41,6 +41,9 @@ step tests 240 $PY -m pytest -q -ra -p no:cacheprovider --junitxml="$OUT/tests.x
 tail -n 15 "$OUT/tests.log"
 
 step bench_bce_with_logits 150 $PY benchmarks/bench_bce_with_logits.py --device cuda --out "$OUT"
+# max-autotune compiles for minutes per shape: left out of the one-shot check.
+step bench_linear_act 200 $PY benchmarks/bench_linear_act.py --device cuda --out "$OUT" \
+  --providers eager,compile,cpp,triton --shapes 4096x1024x1024,4096x4096x4096,8192x8192x8192
 
 echo
 echo "== summary =="

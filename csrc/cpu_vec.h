@@ -5,7 +5,12 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <cstdint>
 #include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 namespace hpml {
 
@@ -38,6 +43,49 @@ inline void store(scalar_t* p, const Vectorized<opmath_t<scalar_t>>& v, int64_t 
     v.store(buf);
     for (int64_t k = 0; k < count; ++k) p[k] = static_cast<scalar_t>(buf[k]);
   }
+}
+
+// Bit k set where lane k of v is > 0, for k < count (other bits 0). One movemask on AVX2.
+template <typename T>
+inline uint32_t positive_bits(const Vectorized<T>& v, int64_t count) {
+  constexpr int64_t V = Vectorized<T>::size();
+  const uint32_t keep = count >= V ? (V >= 32 ? ~0u : (1u << V) - 1) : (1u << count) - 1;
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float> && V == 8) {
+    return static_cast<uint32_t>(
+               _mm256_movemask_ps(_mm256_cmp_ps(__m256(v), _mm256_setzero_ps(), _CMP_GT_OQ))) &
+           keep;
+  } else if constexpr (std::is_same_v<T, double> && V == 4) {
+    return static_cast<uint32_t>(
+               _mm256_movemask_pd(_mm256_cmp_pd(__m256d(v), _mm256_setzero_pd(), _CMP_GT_OQ))) &
+           keep;
+  }
+#endif
+  __at_align__ T buf[V];
+  v.store(buf);
+  uint32_t bits = 0;
+  for (int64_t k = 0; k < V; ++k) bits |= static_cast<uint32_t>(buf[k] > T(0)) << k;
+  return bits & keep;
+}
+
+// A lane mask (all ones where bit k of bits is set) for a select.
+template <typename T>
+inline Vectorized<T> lanes_from_bits(uint32_t bits) {
+  constexpr int64_t V = Vectorized<T>::size();
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float> && V == 8) {
+    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i hit = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), sel);
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(hit, sel));
+  } else if constexpr (std::is_same_v<T, double> && V == 4) {
+    const __m256i sel = _mm256_setr_epi64x(1, 2, 4, 8);
+    const __m256i hit = _mm256_and_si256(_mm256_set1_epi64x(static_cast<int64_t>(bits)), sel);
+    return _mm256_castsi256_pd(_mm256_cmpeq_epi64(hit, sel));
+  }
+#endif
+  __at_align__ T buf[V];
+  for (int64_t k = 0; k < V; ++k) buf[k] = ((bits >> k) & 1) ? T(1) : T(0);
+  return Vectorized<T>::loadu(buf) > Vectorized<T>(T(0));
 }
 
 }  // namespace hpml

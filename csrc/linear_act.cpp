@@ -31,8 +31,8 @@ void epilogue_rows(scalar_t* out, const scalar_t* bias, uint8_t* mask, int64_t r
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const int64_t nb = mask_row_bytes(N);
+  static_assert(V <= 8 && 8 % V == 0, "a vector's mask bits must fall in one byte");
   const Vec vslope(slope);
-  __at_align__ acc_t zbuf[V];
   for (int64_t m = r0; m < r1; ++m) {
     scalar_t* row = out + m * N;
     uint8_t* mrow = mask != nullptr ? mask + m * nb : nullptr;
@@ -41,11 +41,8 @@ void epilogue_rows(scalar_t* out, const scalar_t* bias, uint8_t* mask, int64_t r
       const int64_t c = std::min<int64_t>(V, N - j);
       Vec z = load(row + j, c);
       if (bias != nullptr) z = z + load(bias + j, c);
-      if (mrow != nullptr) {
-        z.store(zbuf);
-        for (int64_t k = 0; k < c; ++k)
-          mrow[(j + k) >> 3] |= static_cast<uint8_t>(zbuf[k] > acc_t(0)) << ((j + k) & 7);
-      }
+      // j is a multiple of V, so a vector's bits land in one byte (V <= 8).
+      if (mrow != nullptr) mrow[j >> 3] |= static_cast<uint8_t>(positive_bits(z, c) << (j & 7));
       store(row + j, math::activate<A>(z, vslope), c);
     }
   }
@@ -98,7 +95,6 @@ void dz_rows(const scalar_t* g, const scalar_t* y, const uint8_t* mask, scalar_t
   constexpr int64_t V = Vec::size();
   const int64_t nb = mask_row_bytes(N);
   const Vec vslope(slope), zero(acc_t(0));
-  __at_align__ acc_t bits[V];
   for (int64_t m = r0; m < r1; ++m) {
     const scalar_t* grow = g + m * N;
     for (int64_t j = 0; j < N; j += V) {
@@ -106,12 +102,8 @@ void dz_rows(const scalar_t* g, const scalar_t* y, const uint8_t* mask, scalar_t
       const Vec gv = load(grow + j, c);
       Vec d;
       if constexpr (A == Act::Relu || A == Act::LeakyRelu) {
-        const uint8_t* mrow = mask + m * nb;
-        for (int64_t k = 0; k < V; ++k) {
-          const int64_t col = j + k;
-          bits[k] = (k < c && ((mrow[col >> 3] >> (col & 7)) & 1)) ? acc_t(1) : acc_t(0);
-        }
-        const Vec on = Vec::loadu(bits) > zero;
+        const uint32_t bits = (mask[m * nb + (j >> 3)] >> (j & 7)) & ((1u << V) - 1);
+        const Vec on = lanes_from_bits<acc_t>(bits);
         // A select, as torch's threshold_backward: a NaN gradient where the mask is off is 0.
         d = math::vselect(on, gv, A == Act::Relu ? zero : gv * vslope);
       } else if constexpr (A == Act::Sigmoid || A == Act::Tanh) {

@@ -346,3 +346,19 @@ def test_deterministic(backend):
         finally:
             torch.set_num_threads(prev)
         assert torch.equal(one[3], a[3]), "bias gradient depends on the thread count"
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+@pytest.mark.parametrize("backend", backend_params(include_reference=False))
+def test_activation_accuracy_over_the_range(backend, activation):
+    """With weight = [[1]] the output is act(z) for each z: fp32 results against float64 torch
+    over [-100, 100] and near 0, where the CPU's in-register exp and Triton's series and
+    exp-based tanh must hold to fp32 rounding (and 0 / +-1 at the ends)."""
+    z = torch.cat([torch.linspace(-100, 100, 20001), torch.linspace(-1e-3, 1e-3, 2001),
+                   torch.tensor([-88.8, -87.4, 88.7, 88.8])])  # fmt: skip
+    x = z[:, None].to(DEVICE)
+    w = torch.ones(1, 1, device=DEVICE)
+    with hpml_ops.use_backend(backend):
+        out = hpml_ops.linear_act(x, w, None, activation)[:, 0].double().cpu()
+    ref = getattr(torch, activation)(z.double())
+    torch.testing.assert_close(out, ref, atol=1e-30, rtol=4e-7)

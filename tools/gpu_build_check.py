@@ -84,10 +84,22 @@ def demangle(names: list[str]) -> dict[str, str]:
     pretty = res.stdout.splitlines()
     out = {}
     for raw, p in zip(names, pretty, strict=False):
-        p = re.sub(r"\(anonymous namespace\)::|\b(hpml|c10|at)::|^void ", "", p)
-        p = re.sub(r"\(.*$", "", p)  # drop the parameter list
+        p = re.sub(r"\(anonymous namespace\)::|\b(hpml|c10|at|math)::|^void ", "", p)
+        p = _drop_parameter_list(p)
         out[raw] = p
     return out
+
+
+def _drop_parameter_list(name: str) -> str:
+    """'k<int, (Act)1>(float*, int)' -> 'k<int, (Act)1>': cut at the '(' matching the last ')'."""
+    if not name.endswith(")"):
+        return name
+    depth = 0
+    for i in range(len(name) - 1, -1, -1):
+        depth += {")": 1, "(": -1}.get(name[i], 0)
+        if depth == 0:
+            return name[:i]
+    return name
 
 
 def check_triton(archs: list[int], flt: str) -> list[dict]:
