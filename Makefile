@@ -41,6 +41,7 @@ test: $(EXT)
 bench: $(EXT)
 	$(PY) benchmarks/bench_bce_with_logits.py
 	$(PY) benchmarks/bench_linear_act.py
+	$(PY) benchmarks/bench_batch_norm.py
 
 gpu-build-check: $(EXT)
 	$(PY) tools/gpu_build_check.py

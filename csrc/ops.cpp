@@ -52,4 +52,22 @@ TORCH_LIBRARY(hpml, m) {
       "linear_act_backward(Tensor grad, Tensor input, Tensor weight, Tensor output, Tensor mask, "
       "int activation, float negative_slope, bool input_grad, bool weight_grad, bool bias_grad) "
       "-> (Tensor, Tensor, Tensor)");
+
+  // Batch normalization over the channel dimension 1 of input (N, C, *), contiguous or channels
+  // last; then ReLU when activation == 1. training: normalise with the batch statistics, else with
+  // running_mean / running_var (read only: the op is functional, so it has an autograd formula;
+  // hpml_ops.batch_norm updates the running statistics in place from the returned batch ones).
+  // Returns (output, mean, invstd, var): the statistics used per channel, in fp32 (fp64 for fp64
+  // input), and in training the unbiased batch variance (else an empty tensor).
+  m.def(
+      "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var, bool training, float eps, int activation) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Gradients from grad (input's shape), the forward's output (read for the ReLU mask) and the
+  // statistics it used. training: those were batch statistics (their gradient flows to input).
+  // Returns (grad_input, grad_weight, grad_bias); one not asked for is an empty tensor.
+  m.def(
+      "batch_norm_backward(Tensor grad, Tensor input, Tensor? weight, Tensor output, Tensor mean, "
+      "Tensor invstd, bool training, int activation, bool input_grad, bool weight_grad, "
+      "bool bias_grad) -> (Tensor, Tensor, Tensor)");
 }

@@ -13,7 +13,7 @@ from ._backend import (
     get_backend,
     use_backend,
 )
-from .ops import binary_cross_entropy_with_logits, linear_act, linear_relu
+from .ops import batch_norm, binary_cross_entropy_with_logits, linear_act, linear_relu
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,7 @@ __all__ = [
     "BackendUnavailableError",
     "available_backends",
     "backend_status",
+    "batch_norm",
     "binary_cross_entropy_with_logits",
     "get_backend",
     "linear_act",

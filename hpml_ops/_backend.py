@@ -56,8 +56,9 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def unavailable_reason(name: str, device_type: str) -> str | None:
-    """None if backend ``name`` can run ops on tensors of ``device_type``, else why not."""
+def unavailable_reason(name: str, device_type: str, op: str | None = None) -> str | None:
+    """None if backend ``name`` can run ops (the op ``op``, e.g. "batch_norm", when given) on
+    tensors of ``device_type``, else why not."""
     if name == "reference":
         return None
     if name == "cpp":
@@ -68,6 +69,10 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
         if device_type == "cuda":
             if not _C.WITH_CUDA:
                 return "hpml_ops._C was built without its CUDA kernels (see the build log for why)"
+            if op is not None and not torch._C._dispatch_has_kernel_for_dispatch_key(
+                f"hpml::{op}", "CUDA"
+            ):
+                return f"the C++ backend has no CUDA kernel for {op} yet"
             return None if torch.cuda.is_available() else "no CUDA device is available"
         return f"the C++ kernels handle CPU and CUDA tensors, not {device_type}"
     if name == "triton":
@@ -138,14 +143,14 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 @torch.compiler.assume_constant_result
-def _resolve(choice: str, device_type: str) -> str:
+def _resolve(choice: str, device_type: str, op: str | None) -> str:
     if choice == "auto":
         order = {"cuda": ("triton", "cpp"), "cpu": ("cpp",)}.get(device_type, ())
         for b in order:
-            if unavailable_reason(b, device_type) is None:
+            if unavailable_reason(b, device_type, op) is None:
                 return b
         return "reference"
-    reason = unavailable_reason(choice, device_type)
+    reason = unavailable_reason(choice, device_type, op)
     if reason is not None:
         raise BackendUnavailableError(
             f"backend {choice!r} cannot run on {device_type} tensors: {reason}"
@@ -153,7 +158,7 @@ def _resolve(choice: str, device_type: str) -> str:
     return choice
 
 
-def resolve(device: torch.device) -> str:
-    """The backend that runs an op on tensors of ``device`` under the current choice. Under
+def resolve(device: torch.device, op: str | None = None) -> str:
+    """The backend that runs ``op`` on tensors of ``device`` under the current choice. Under
     torch.compile the answer is fixed when the graph is traced."""
-    return _resolve(_choice[0], device.type)
+    return _resolve(_choice[0], device.type, op)

@@ -59,3 +59,31 @@ def linear_act(
     if activation == "none":
         return z
     raise ValueError(f"unknown activation {activation!r}")
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: str | None = None,
+    *,
+    upcast: bool = False,
+) -> Tensor:
+    """``F.batch_norm`` (then ReLU for ``activation="relu"``), optionally in float64. With
+    ``upcast`` the running statistics are updated in float64 copies, not in place."""
+    out = F.batch_norm(
+        _up(input, upcast),
+        _up(running_mean, upcast),
+        _up(running_var, upcast),
+        _up(weight, upcast),
+        _up(bias, upcast),
+        training,
+        momentum,
+        eps,
+    )
+    return F.relu(out) if activation == "relu" else out

@@ -22,12 +22,13 @@ LOWP_FACTOR = 2.0
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def backend_params(include_reference: bool = True):
-    """pytest params for every backend; unavailable ones are skipped with the reason."""
+def backend_params(include_reference: bool = True, op: str | None = None):
+    """pytest params for every backend; unavailable ones (for ``op``, when given) are skipped
+    with the reason."""
     names = ("cpp", "triton", "reference") if include_reference else NON_REFERENCE
     out = []
     for b in names:
-        reason = hpml_ops._backend.unavailable_reason(b, torch.device(DEVICE).type)
+        reason = hpml_ops._backend.unavailable_reason(b, torch.device(DEVICE).type, op)
         marks = [pytest.mark.skip(reason=f"backend {b} unavailable: {reason}")] if reason else []
         out.append(pytest.param(b, marks=marks, id=b))
     return out
@@ -43,10 +44,13 @@ def assert_close_to_oracle(
     torch_same_dtype: torch.Tensor | None = None,
     *,
     what: str = "",
+    compute_dtype: torch.dtype | None = None,
 ) -> None:
     """Compare a result with the float64 oracle by the tolerance table.
 
-    ``torch_same_dtype`` is PyTorch's own result in ``ours.dtype``; needed for fp16/bf16."""
+    ``compute_dtype`` (default: ``ours.dtype``) is the precision the result comes from: an fp32
+    weight gradient of an fp16/bf16 computation is judged by the fp16/bf16 rule. For those,
+    ``torch_same_dtype`` is PyTorch's own result computed the same way; it is required."""
     assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
     o = ours.detach().to(torch.float64).cpu()
     r = ref64.detach().to(torch.float64).cpu()
@@ -57,13 +61,13 @@ def assert_close_to_oracle(
     o, r = o[fin], r[fin]
     if o.numel() == 0:
         return
-    if ours.dtype in TOL:
-        atol, rtol = TOL[ours.dtype]
+    if (compute_dtype or ours.dtype) in TOL:
+        atol, rtol = TOL[compute_dtype or ours.dtype]
         torch.testing.assert_close(o, r, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
         return
     assert torch_same_dtype is not None, "fp16/bf16 comparisons need torch's own result"
     t = torch_same_dtype.detach().to(torch.float64).cpu()[fin]
-    ulp = torch.finfo(ours.dtype).eps * max(1.0, r.abs().max().item())
+    ulp = torch.finfo(compute_dtype or ours.dtype).eps * max(1.0, r.abs().max().item())
     ours_err = (o - r).abs().max().item()
     torch_err = (t - r).abs().max().item()
     bound = LOWP_FACTOR * torch_err + ulp
@@ -116,5 +120,5 @@ def check_against_oracle(ours_fn, torch_fn, args, need, seed: int = 0, names=())
             assert o is None, f"grad_{name}: computed but not asked for"
             continue
         assert o.dtype == a.dtype and o.shape == a.shape, f"grad_{name}: {o.dtype} {o.shape}"
-        assert_close_to_oracle(o, r, t, what=f"grad_{name}")
+        assert_close_to_oracle(o, r, t, what=f"grad_{name}", compute_dtype=ours.dtype)
     return ours

@@ -73,9 +73,13 @@ def _torch(reduction):
 
 def check_parity(backend, x, y, w, pw, reduction, need=(True, True), seed=0):
     out = check_against_oracle(
-        _ours(backend, reduction), _torch(reduction), (x, y, w, pw), (*need, False, False),
-        seed=seed, names=("input", "target", "weight", "pos_weight"),
-    )  # fmt: skip
+        _ours(backend, reduction),
+        _torch(reduction),
+        (x, y, w, pw),
+        (*need, False, False),
+        seed=seed,
+        names=("input", "target", "weight", "pos_weight"),
+    )
     assert out.dtype == y.dtype, f"output dtype {out.dtype}, torch gives {y.dtype}"
 
 

@@ -354,8 +354,13 @@ def test_activation_accuracy_over_the_range(backend, activation):
     """With weight = [[1]] the output is act(z) for each z: fp32 results against float64 torch
     over [-100, 100] and near 0, where the CPU's in-register exp and Triton's series and
     exp-based tanh must hold to fp32 rounding (and 0 / +-1 at the ends)."""
-    z = torch.cat([torch.linspace(-100, 100, 20001), torch.linspace(-1e-3, 1e-3, 2001),
-                   torch.tensor([-88.8, -87.4, 88.7, 88.8])])  # fmt: skip
+    z = torch.cat(
+        [
+            torch.linspace(-100, 100, 20001),
+            torch.linspace(-1e-3, 1e-3, 2001),
+            torch.tensor([-88.8, -87.4, 88.7, 88.8]),
+        ]
+    )
     x = z[:, None].to(DEVICE)
     w = torch.ones(1, 1, device=DEVICE)
     with hpml_ops.use_backend(backend):

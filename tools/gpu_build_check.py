@@ -31,7 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "gpu_check"
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 # Every Triton kernel module; each exposes aot_specs().
-TRITON_MODULES = ["hpml_ops.kernels.bce_with_logits", "hpml_ops.kernels.linear_act"]
+TRITON_MODULES = [
+    "hpml_ops.kernels.bce_with_logits",
+    "hpml_ops.kernels.linear_act",
+    "hpml_ops.kernels.batch_norm",
+]
 SPILL_RE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(@!?U?P\d+\s+)?(STL|LDL)\b", re.M)
 
 

@@ -1,7 +1,8 @@
 """``nn.Module`` drop-ins: each subclasses torch's module and keeps its parameters, buffers and
 ``state_dict``."""
 
+from .batch_norm import BatchNorm1d, BatchNorm2d
 from .bce_with_logits import BCEWithLogitsLoss
 from .linear_act import FusedLinear
 
-__all__ = ["BCEWithLogitsLoss", "FusedLinear"]
+__all__ = ["BCEWithLogitsLoss", "BatchNorm1d", "BatchNorm2d", "FusedLinear"]

@@ -180,7 +180,7 @@ def binary_cross_entropy_with_logits(
         to ``input`` and ``target``.
     """
     _check_args(input, target, weight, reduction, pos_weight)
-    backend = _backend.resolve(input.device)
+    backend = _backend.resolve(input.device, "bce_with_logits")
     if backend == "reference":
         return reference.bce_with_logits(input, target, weight, reduction, pos_weight)
     input, target, weight, pos_weight = autocast_to(

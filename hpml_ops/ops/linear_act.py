@@ -247,7 +247,7 @@ def linear_act(
         per output element instead of the pre-activation.
     """
     _check_args(input, weight, bias, activation, negative_slope)
-    backend = _backend.resolve(input.device)
+    backend = _backend.resolve(input.device, "linear_act")
     if backend == "reference":
         return reference.linear_act(input, weight, bias, activation, negative_slope)
     n, k = weight.shape

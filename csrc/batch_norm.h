@@ -1,0 +1,84 @@
+// Host-side checks and the memory layout of hpml::batch_norm, shared by the CPU and CUDA
+// launchers.
+#pragma once
+
+#include <ATen/ops/empty_like.h>
+
+#include "common.h"
+
+namespace hpml {
+
+// The input seen as a dense (outer, C, inner) array: contiguous (N, C, S) has outer = N,
+// inner = S; channels last (N, S, C), and 2-D (N, C), have outer = N * S, inner = 1. Any other
+// strides are copied to contiguous first.
+struct BnLayout {
+  at::Tensor x;  // the input, or its contiguous copy
+  int64_t outer = 0, channels = 0, inner = 1;
+  int64_t count() const { return outer * inner; }  // values per channel
+};
+
+inline BnLayout bn_layout(const at::Tensor& input) {
+  BnLayout l;
+  const int64_t n = input.size(0), c = input.size(1), s = input.numel() / std::max<int64_t>(n * c, 1);
+  l.channels = c;
+  if (input.dim() == 2) {
+    l.x = input.contiguous();
+    l.outer = n;
+    l.inner = 1;
+  } else if (!input.is_contiguous() && input.movedim(1, -1).is_contiguous()) {
+    l.x = input;  // channels last
+    l.outer = n * s;
+    l.inner = 1;
+  } else {
+    l.x = input.contiguous();
+    l.outer = n;
+    l.inner = s;
+  }
+  return l;
+}
+
+// t (the input's shape) with the same strides as l.x: contiguous, or channels last.
+inline at::Tensor same_layout(const at::Tensor& t, const BnLayout& l) {
+  if (l.x.is_contiguous()) return t.contiguous();
+  return t.movedim(1, -1).contiguous().movedim(-1, 1);
+}
+
+inline void check_channel_vector(const std::optional<at::Tensor>& t, const at::Tensor& input,
+                                 const char* name) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->dim() == 1 && t->numel() == input.size(1), "hpml::batch_norm: ", name,
+              " should contain ", input.size(1), " elements (one per channel), got shape ",
+              t->sizes());
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "hpml::batch_norm: expected a floating-point ",
+              name, ", got ", t->scalar_type());
+  check_same_device(input, *t, name);
+}
+
+inline void check_batch_norm(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& running_mean,
+                             const std::optional<at::Tensor>& running_var, bool training,
+                             int64_t activation) {
+  TORCH_CHECK(input.dim() >= 2, "hpml::batch_norm: expected an input of shape (N, C, *), got ",
+              input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "hpml::batch_norm: expected a floating-point input, got ", input.scalar_type());
+  check_channel_vector(weight, input, "weight");
+  check_channel_vector(bias, input, "bias");
+  check_channel_vector(running_mean, input, "running_mean");
+  check_channel_vector(running_var, input, "running_var");
+  const bool have_stats = running_mean.has_value() && running_mean->defined() &&
+                          running_var.has_value() && running_var->defined();
+  TORCH_CHECK(training || have_stats,
+              "hpml::batch_norm: running_mean and running_var must be defined in evaluation mode");
+  TORCH_CHECK(activation == 0 || activation == 1,
+              "hpml::batch_norm: activation must be 0 (none) or 1 (relu), got ", activation);
+  if (training) {
+    const int64_t per_channel = input.numel() / std::max<int64_t>(input.size(1), 1);
+    TORCH_CHECK(per_channel != 1 || input.size(1) == 0,
+                "Expected more than 1 value per channel when training, got input size ",
+                input.sizes());
+  }
+}
+
+}  // namespace hpml

@@ -1,0 +1,70 @@
+"""``BatchNorm1d`` / ``BatchNorm2d`` running on hpml_ops' kernels, optionally with a fused ReLU."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops.batch_norm import ACTIVATIONS, batch_norm
+
+
+class _FusedBatchNormMixin:
+    """torch's ``_BatchNorm.forward``, with the normalisation through ``hpml_ops.batch_norm``."""
+
+    def _init_activation(self, activation):
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"{type(self).__name__}: activation must be None, 'none' or 'relu', got "
+                f"{activation!r}"
+            )
+        self.activation = activation
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        # Exactly torch's bookkeeping: the average factor, num_batches_tracked, which statistics.
+        if self.momentum is None:
+            exponential_average_factor = 0.0
+        else:
+            exponential_average_factor = self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                exponential_average_factor = 1.0 / float(self.num_batches_tracked)
+            else:
+                exponential_average_factor = self.momentum
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        return batch_norm(
+            input,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            exponential_average_factor,
+            self.eps,
+            self.activation,
+        )
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", activation={self.activation}" if self.activation else "")
+
+
+class BatchNorm1d(_FusedBatchNormMixin, torch.nn.BatchNorm1d):
+    """Drop-in for ``torch.nn.BatchNorm1d`` (input ``(N, C)`` or ``(N, C, L)``): same constructor
+    (plus ``activation=None`` or ``"relu"``, fused into the same kernel), same buffers
+    (``running_mean``, ``running_var``, ``num_batches_tracked``) and ``state_dict``."""
+
+    def __init__(self, *args, activation: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_activation(activation)
+
+
+class BatchNorm2d(_FusedBatchNormMixin, torch.nn.BatchNorm2d):
+    """Drop-in for ``torch.nn.BatchNorm2d`` (input ``(N, C, H, W)``, contiguous or channels last):
+    same constructor (plus ``activation=None`` or ``"relu"``), same buffers and ``state_dict``."""
+
+    def __init__(self, *args, activation: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_activation(activation)
