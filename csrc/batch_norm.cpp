@@ -178,6 +178,78 @@ at::Tensor channel_tensor(const std::vector<acc_t>& v) {
   return t;
 }
 
+// Per-channel batch mean and biased variance (in double) of l.x: shifted sums with the shift K
+// each channel's first value.
+template <typename scalar_t>
+void batch_stats(const BnLayout& l, std::vector<double>& mean, std::vector<double>& var) {
+  using acc_t = opmath_t<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t C = l.channels, n = l.count();
+  const scalar_t* x = l.x.const_data_ptr<scalar_t>();
+  std::vector<acc_t> shift(C, acc_t(0));
+  if (n > 0)
+    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(x[c * l.inner]);
+  std::vector<double> s1, s2;
+  reduce_channels<acc_t>(l.outer, C, l.inner,
+                         [&](int64_t off, int64_t cnt, const auto& par) {
+                           const Vec d = load(x + off, cnt) - par(shift.data());
+                           const Vec d0 = cnt == Vec::size() ? d : Vec::set(Vec(acc_t(0)), d, cnt);
+                           return std::make_pair(d0, d0 * d0);
+                         },
+                         s1, s2);
+  mean.resize(C);
+  var.resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double m1 = n > 0 ? s1[c] / n : 0.0;
+    mean[c] = shift[c] + m1;
+    var[c] = n > 0 ? std::max(s2[c] / n - m1 * m1, 0.0) : 0.0;
+  }
+}
+
+// Per-channel sum(dz) and sum(dz (x - mean)), dz = dy, or dy where the ReLU output is > 0 (a
+// select, as torch's threshold_backward). g and y are in l.x's layout.
+template <typename scalar_t>
+void backward_sums(const BnLayout& l, const at::Tensor& g, const at::Tensor& y, bool relu,
+                   const std::vector<opmath_t<scalar_t>>& mean, std::vector<double>& sdz,
+                   std::vector<double>& sdzx) {
+  using acc_t = opmath_t<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const scalar_t* x = l.x.const_data_ptr<scalar_t>();
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const scalar_t* yp = relu ? y.const_data_ptr<scalar_t>() : nullptr;
+  const Vec zero(acc_t(0));
+  reduce_channels<acc_t>(l.outer, l.channels, l.inner,
+                         [&](int64_t off, int64_t cnt, const auto& par) {
+                           const Vec dy = load(gp + off, cnt);
+                           const Vec dz = relu ? math::vselect(load(yp + off, cnt) > zero, dy, zero) : dy;
+                           return std::make_pair(dz, dz * (load(x + off, cnt) - par(mean.data())));
+                         },
+                         sdz, sdzx);
+}
+
+// dx = (dz - gmean - (x - mean) k) scale, or dz scale when !batch_terms.
+template <typename scalar_t>
+void backward_dx(const BnLayout& l, const at::Tensor& g, const at::Tensor& y, bool relu,
+                 bool batch_terms, const std::vector<opmath_t<scalar_t>>& mean,
+                 const std::vector<opmath_t<scalar_t>>& gmean,
+                 const std::vector<opmath_t<scalar_t>>& k,
+                 const std::vector<opmath_t<scalar_t>>& scale, at::Tensor& dx) {
+  using acc_t = opmath_t<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const scalar_t* x = l.x.const_data_ptr<scalar_t>();
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const scalar_t* yp = relu ? y.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+  const Vec zero(acc_t(0));
+  map_channels<acc_t>(l.outer, l.channels, l.inner, [&](int64_t off, int64_t cnt, const auto& par) {
+    const Vec dy = load(gp + off, cnt);
+    Vec v = relu ? math::vselect(load(yp + off, cnt) > zero, dy, zero) : dy;
+    if (batch_terms)
+      v = v - par(gmean.data()) - (load(x + off, cnt) - par(mean.data())) * par(k.data());
+    store(dxp + off, v * par(scale.data()), cnt);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
@@ -194,25 +266,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_cpu(
         const scalar_t* x = l.x.const_data_ptr<scalar_t>();
         std::vector<acc_t> mean(C), invstd(C);
         if (training) {
-          // The shift: each channel's first value.
-          std::vector<acc_t> shift(C, acc_t(0));
-          if (n > 0)
-            for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(x[c * l.inner]);
-          std::vector<double> s1, s2;
-          reduce_channels<acc_t>(l.outer, C, l.inner,
-                                 [&](int64_t off, int64_t cnt, const auto& par) {
-                                   const Vec d = load(x + off, cnt) - par(shift.data());
-                                   const Vec d0 = cnt == Vec::size() ? d : Vec::set(Vec(acc_t(0)), d, cnt);
-                                   return std::make_pair(d0, d0 * d0);
-                                 },
-                                 s1, s2);
+          std::vector<double> bmean, bvar;
+          batch_stats<scalar_t>(l, bmean, bvar);
           std::vector<acc_t> unbiased(C);
           for (int64_t c = 0; c < C; ++c) {
-            const double m1 = n > 0 ? s1[c] / n : 0.0;
-            const double var = n > 0 ? std::max(s2[c] / n - m1 * m1, 0.0) : 0.0;
-            mean[c] = static_cast<acc_t>(shift[c] + m1);
-            invstd[c] = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
-            unbiased[c] = static_cast<acc_t>(n > 1 ? var * n / (n - 1) : var);
+            mean[c] = static_cast<acc_t>(bmean[c]);
+            invstd[c] = static_cast<acc_t>(1.0 / std::sqrt(bvar[c] + eps));
+            unbiased[c] = static_cast<acc_t>(n > 1 ? bvar[c] * n / (n - 1) : bvar[c]);
           }
           var_t = channel_tensor(unbiased);
         } else {
@@ -244,9 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     const at::Tensor& grad, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const at::Tensor& output, const at::Tensor& mean_t, const at::Tensor& invstd_t, bool training,
     int64_t activation, bool input_grad, bool weight_grad, bool bias_grad) {
-  check_batch_norm(input, weight, std::nullopt, std::nullopt, std::nullopt, true, activation);
-  TORCH_CHECK(grad.sizes() == input.sizes(), "hpml::batch_norm_backward: grad of shape ",
-              grad.sizes(), " does not match the input's ", input.sizes());
+  check_backward("hpml::batch_norm_backward", grad, input, weight, output, activation);
   const BnLayout l = bn_layout(input);
   const int64_t C = l.channels, n = l.count();
   // grad and output in the input's layout, so that one offset addresses all three.
@@ -260,26 +318,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "hpml::batch_norm_backward (CPU)", [&] {
         using acc_t = opmath_t<scalar_t>;
-        using Vec = Vectorized<acc_t>;
-        const scalar_t* x = l.x.const_data_ptr<scalar_t>();
-        const scalar_t* gp = g.const_data_ptr<scalar_t>();
-        const scalar_t* yp = relu ? y.const_data_ptr<scalar_t>() : nullptr;
         const std::vector<acc_t> mean = channel_values<acc_t>(mean_t, C, 0.0);
         const std::vector<acc_t> invstd = channel_values<acc_t>(invstd_t, C, 1.0);
         const std::vector<acc_t> gamma = channel_values<acc_t>(weight, C, 1.0);
-        const Vec zero(acc_t(0));
-        // dz = dy, or dy where the ReLU output is > 0 (a select, as torch's threshold_backward).
-        auto dz_at = [&](int64_t off, int64_t cnt) {
-          const Vec dy = load(gp + off, cnt);
-          return relu ? math::vselect(load(yp + off, cnt) > zero, dy, zero) : dy;
-        };
         std::vector<double> sdz, sdzx;
-        reduce_channels<acc_t>(l.outer, C, l.inner,
-                               [&](int64_t off, int64_t cnt, const auto& par) {
-                                 const Vec dz = dz_at(off, cnt);
-                                 return std::make_pair(dz, dz * (load(x + off, cnt) - par(mean.data())));
-                               },
-                               sdz, sdzx);
+        // With running statistics and only dx asked for, the sums are not needed.
+        if (training || weight_grad || bias_grad) backward_sums<scalar_t>(l, g, y, relu, mean, sdz, sdzx);
         if (weight_grad) {
           AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, wdt, "bn dw", [&] {
             for (int64_t c = 0; c < C; ++c)
@@ -303,15 +347,85 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
             k[c] = static_cast<acc_t>(sdzx[c] / n * invstd[c] * invstd[c]);
           }
         }
-        scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-        map_channels<acc_t>(l.outer, C, l.inner, [&](int64_t off, int64_t cnt, const auto& par) {
-          Vec v = dz_at(off, cnt);
-          if (training)
-            v = v - par(gmean.data()) - (load(x + off, cnt) - par(mean.data())) * par(k.data());
-          store(dxp + off, v * par(scale.data()), cnt);
-        });
+        backward_dx<scalar_t>(l, g, y, relu, training, mean, gmean, k, scale, dx);
       });
   return {dx, dw, db};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input) {
+  check_bn_input(input, 0);
+  const BnLayout l = bn_layout(input);
+  at::Tensor mean_t, var_t;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "hpml::batch_norm_stats (CPU)", [&] {
+        using acc_t = opmath_t<scalar_t>;
+        std::vector<double> mean, var;
+        batch_stats<scalar_t>(l, mean, var);
+        mean_t = channel_tensor(std::vector<acc_t>(mean.begin(), mean.end()));
+        var_t = channel_tensor(std::vector<acc_t>(var.begin(), var.end()));
+      });
+  return {mean_t, var_t};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(const at::Tensor& grad,
+                                                                 const at::Tensor& input,
+                                                                 const at::Tensor& output,
+                                                                 const at::Tensor& mean_t,
+                                                                 int64_t activation) {
+  check_backward("hpml::batch_norm_backward_reduce", grad, input, std::nullopt, output, activation);
+  check_channel_vector(mean_t, input, "mean");
+  const BnLayout l = bn_layout(input);
+  const bool relu = activation == 1;
+  const at::Tensor g = same_layout(grad, l);
+  const at::Tensor y = relu ? same_layout(output, l) : at::Tensor();
+  at::Tensor sdz_t, sdzx_t;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "hpml::batch_norm_backward_reduce (CPU)", [&] {
+        using acc_t = opmath_t<scalar_t>;
+        const std::vector<acc_t> mean = channel_values<acc_t>(mean_t, l.channels, 0.0);
+        std::vector<double> sdz, sdzx;
+        backward_sums<scalar_t>(l, g, y, relu, mean, sdz, sdzx);
+        sdz_t = channel_tensor(std::vector<acc_t>(sdz.begin(), sdz.end()));
+        sdzx_t = channel_tensor(std::vector<acc_t>(sdzx.begin(), sdzx.end()));
+      });
+  return {sdz_t, sdzx_t};
+}
+
+at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad, const at::Tensor& input,
+                                         const std::optional<at::Tensor>& weight,
+                                         const at::Tensor& output, const at::Tensor& mean_t,
+                                         const at::Tensor& invstd_t, const at::Tensor& sum_dz_t,
+                                         const at::Tensor& sum_dz_xmu_t, int64_t count,
+                                         int64_t activation) {
+  check_backward("hpml::batch_norm_backward_elemt", grad, input, weight, output, activation);
+  check_channel_vector(mean_t, input, "mean");
+  check_channel_vector(invstd_t, input, "invstd");
+  check_channel_vector(sum_dz_t, input, "sum_dz");
+  check_channel_vector(sum_dz_xmu_t, input, "sum_dz_xmu");
+  TORCH_CHECK(count > 0, "hpml::batch_norm_backward_elemt: count must be positive, got ", count);
+  const BnLayout l = bn_layout(input);
+  const int64_t C = l.channels;
+  const bool relu = activation == 1;
+  const at::Tensor g = same_layout(grad, l);
+  const at::Tensor y = relu ? same_layout(output, l) : at::Tensor();
+  at::Tensor dx = empty_like_layout(l);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "hpml::batch_norm_backward_elemt (CPU)", [&] {
+        using acc_t = opmath_t<scalar_t>;
+        const std::vector<acc_t> mean = channel_values<acc_t>(mean_t, C, 0.0);
+        const std::vector<acc_t> invstd = channel_values<acc_t>(invstd_t, C, 1.0);
+        const std::vector<acc_t> gamma = channel_values<acc_t>(weight, C, 1.0);
+        const std::vector<double> sdz = channel_values<double>(sum_dz_t, C, 0.0);
+        const std::vector<double> sdzx = channel_values<double>(sum_dz_xmu_t, C, 0.0);
+        std::vector<acc_t> scale(C), gmean(C), k(C);
+        for (int64_t c = 0; c < C; ++c) {
+          scale[c] = gamma[c] * invstd[c];
+          gmean[c] = static_cast<acc_t>(sdz[c] / count);
+          k[c] = static_cast<acc_t>(sdzx[c] / count * invstd[c] * invstd[c]);
+        }
+        backward_dx<scalar_t>(l, g, y, relu, true, mean, gmean, k, scale, dx);
+      });
+  return dx;
 }
 
 }  // namespace
@@ -319,6 +433,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
 TORCH_LIBRARY_IMPL(hpml, CPU, m) {
   m.impl("batch_norm", &batch_norm_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cpu);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cpu);
 }
 
 }  // namespace hpml

@@ -54,15 +54,22 @@ inline void check_channel_vector(const std::optional<at::Tensor>& t, const at::T
   check_same_device(input, *t, name);
 }
 
+// The input (N, C, *), floating point, and the activation code.
+inline void check_bn_input(const at::Tensor& input, int64_t activation) {
+  TORCH_CHECK(input.dim() >= 2, "hpml::batch_norm: expected an input of shape (N, C, *), got ",
+              input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "hpml::batch_norm: expected a floating-point input, got ", input.scalar_type());
+  TORCH_CHECK(activation == 0 || activation == 1,
+              "hpml::batch_norm: activation must be 0 (none) or 1 (relu), got ", activation);
+}
+
 inline void check_batch_norm(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                              const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& running_mean,
                              const std::optional<at::Tensor>& running_var, bool training,
                              int64_t activation) {
-  TORCH_CHECK(input.dim() >= 2, "hpml::batch_norm: expected an input of shape (N, C, *), got ",
-              input.sizes());
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "hpml::batch_norm: expected a floating-point input, got ", input.scalar_type());
+  check_bn_input(input, activation);
   check_channel_vector(weight, input, "weight");
   check_channel_vector(bias, input, "bias");
   check_channel_vector(running_mean, input, "running_mean");
@@ -71,13 +78,31 @@ inline void check_batch_norm(const at::Tensor& input, const std::optional<at::Te
                           running_var.has_value() && running_var->defined();
   TORCH_CHECK(training || have_stats,
               "hpml::batch_norm: running_mean and running_var must be defined in evaluation mode");
-  TORCH_CHECK(activation == 0 || activation == 1,
-              "hpml::batch_norm: activation must be 0 (none) or 1 (relu), got ", activation);
   if (training) {
     const int64_t per_channel = input.numel() / std::max<int64_t>(input.size(1), 1);
     TORCH_CHECK(per_channel != 1 || input.size(1) == 0,
                 "Expected more than 1 value per channel when training, got input size ",
                 input.sizes());
+  }
+}
+
+// The checks shared by the backward ops: grad (and the output, read for the ReLU mask) of the
+// input's shape.
+inline void check_backward(const char* op, const at::Tensor& grad, const at::Tensor& input,
+                    const std::optional<at::Tensor>& weight, const at::Tensor& output,
+                    int64_t activation) {
+  check_bn_input(input, activation);
+  check_channel_vector(weight, input, "weight");
+  TORCH_CHECK(grad.sizes() == input.sizes(), op, ": grad of shape ", grad.sizes(),
+              " does not match the input's ", input.sizes());
+  TORCH_CHECK(grad.scalar_type() == input.scalar_type(), op, ": grad has dtype ",
+              grad.scalar_type(), ", the input ", input.scalar_type());
+  check_same_device(input, grad, "grad");
+  if (activation == 1) {
+    TORCH_CHECK(output.sizes() == input.sizes() && output.scalar_type() == input.scalar_type(), op,
+                ": output (read for the ReLU mask) should match the input's shape and dtype, got ",
+                output.sizes(), " ", output.scalar_type());
+    check_same_device(input, output, "output");
   }
 }
 

@@ -70,4 +70,19 @@ TORCH_LIBRARY(hpml, m) {
       "batch_norm_backward(Tensor grad, Tensor input, Tensor? weight, Tensor output, Tensor mean, "
       "Tensor invstd, bool training, int activation, bool input_grad, bool weight_grad, "
       "bool bias_grad) -> (Tensor, Tensor, Tensor)");
+  // The pieces of a batch norm whose statistics are merged across processes (SyncBatchNorm):
+  // per-channel mean and biased variance of input (N, C, *), in fp32 (fp64 for fp64 input), from
+  // the same shifted sums as batch_norm.
+  m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");
+  // Per-channel (sum dz, sum dz (x - mean)) in fp32 (fp64 for fp64), dz = grad, or grad where the
+  // ReLU output is > 0 when activation == 1.
+  m.def(
+      "batch_norm_backward_reduce(Tensor grad, Tensor input, Tensor output, Tensor mean, "
+      "int activation) -> (Tensor, Tensor)");
+  // grad_input from sums over the whole batch of `count` values per channel (all processes):
+  // dx = (dz - sum_dz / count - (x - mean) invstd^2 sum_dz_xmu / count) weight invstd.
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad, Tensor input, Tensor? weight, Tensor output, "
+      "Tensor mean, Tensor invstd, Tensor sum_dz, Tensor sum_dz_xmu, int count, int activation) "
+      "-> Tensor");
 }

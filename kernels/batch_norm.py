@@ -204,6 +204,15 @@ def _channel_sums(x, dy, y, ref, R, C, inner, backward, relu):
     return sa, sb
 
 
+def _batch_stats(x, R, C, inner):
+    """Per-channel (mean, biased variance) in fp64 from the shifted sums (R > 0)."""
+    acc_t, _ = _acc(x.dtype)
+    shift = _first_values(x, C, inner).to(acc_t).contiguous()
+    s1, s2 = _channel_sums(x, None, None, shift, R, C, inner, False, False)
+    m1 = s1 / R
+    return shift.double() + m1, (s2 / R - m1 * m1).clamp_min(0.0)
+
+
 def batch_norm_fwd(input, weight, bias, running_mean, running_var, training, eps, activation):
     """(output, mean, invstd, var) as hpml::batch_norm (csrc/ops.cpp): the output in the input's
     layout; per-channel statistics in fp32 (fp64 for fp64 input); var the unbiased batch variance
@@ -216,11 +225,8 @@ def batch_norm_fwd(input, weight, bias, running_mean, running_var, training, eps
     relu = activation == 1
     if training:
         if R > 0:
-            shift = _first_values(x, C, inner).to(acc_t).contiguous()
-            s1, s2 = _channel_sums(x, None, None, shift, R, C, inner, False, False)
-            m1 = s1 / R
-            var_b = (s2 / R - m1 * m1).clamp_min(0.0)
-            mean = (shift.double() + m1).to(acc_t)
+            mean, var_b = _batch_stats(x, R, C, inner)
+            mean = mean.to(acc_t)
             invstd = torch.rsqrt(var_b + eps).to(acc_t)
             var = (var_b * R / (R - 1) if R > 1 else var_b).to(acc_t)
         else:
@@ -266,6 +272,44 @@ def _first_values(x, C, inner):
     return x.as_strided((C,), (inner,))
 
 
+def _dx(x, dy, y, weight, mean, invstd, sdz, sdzx, n, batch_terms, relu):
+    """dx = (dz - sdz / n - (x - mean) invstd^2 sdzx / n) gamma invstd (batch_terms), else
+    dz gamma invstd; x, dy, y in one layout (outer, C, inner)."""
+    _, _, C, inner = _layout(x)
+    R = x.numel() // max(C, 1)
+    acc_t, acc_tl = _acc(x.dtype)
+    dev = x.device
+    dx = torch.empty_like(x)
+    gamma = weight.to(acc_t) if weight is not None else torch.ones(C, dtype=acc_t, device=dev)
+    scale = (gamma * invstd).contiguous()
+    gmean = (sdz.double() / n).to(acc_t).contiguous()
+    k = (sdzx.double() / n * invstd.double() * invstd.double()).to(acc_t).contiguous()
+    if R > 0 and C > 0:
+        br, bc = _blocks(C, inner)
+        _bn_apply_kernel[(triton.cdiv(R, br), triton.cdiv(C, bc))](
+            x,
+            dx,
+            dy,
+            y,
+            mean.contiguous(),
+            scale,
+            scale,
+            gmean,
+            k,
+            R,
+            C,
+            inner,
+            BACKWARD=True,
+            TRAINING=batch_terms,
+            RELU=relu,
+            ACC=acc_tl,
+            BLOCK_R=br,
+            BLOCK_C=bc,
+            num_warps=NUM_WARPS,
+        )
+    return dx
+
+
 def batch_norm_bwd(
     grad,
     input,
@@ -296,36 +340,52 @@ def batch_norm_bwd(
     db = sdz.to(wdt) if bias_grad else torch.empty(0, dtype=wdt, device=dev)
     if not input_grad:
         return torch.empty(0, dtype=x.dtype, device=dev), dw, db
-    dx = torch.empty_like(x)
-    gamma = weight.to(acc_t) if weight is not None else torch.ones(C, dtype=acc_t, device=dev)
-    scale = (gamma * invstd).contiguous()
-    n = max(R, 1)
-    gmean = (sdz / n).to(acc_t).contiguous()
-    k = (sdzx / n * invstd.double() * invstd.double()).to(acc_t).contiguous()
-    if R > 0 and C > 0:
-        br, bc = _blocks(C, inner)
-        _bn_apply_kernel[(triton.cdiv(R, br), triton.cdiv(C, bc))](
-            x,
-            dx,
-            dy,
-            y,
-            mean,
-            scale,
-            scale,
-            gmean,
-            k,
-            R,
-            C,
-            inner,
-            BACKWARD=True,
-            TRAINING=training,
-            RELU=relu,
-            ACC=acc_tl,
-            BLOCK_R=br,
-            BLOCK_C=bc,
-            num_warps=NUM_WARPS,
-        )
+    dx = _dx(x, dy, y, weight, mean, invstd, sdz, sdzx, max(R, 1), training, relu)
     return dx, dw, db
+
+
+def batch_norm_stats(input):
+    """(mean, biased variance) per channel as hpml::batch_norm_stats, in fp32 (fp64 for fp64)."""
+    x, outer, C, inner = _layout(input)
+    R = outer * inner
+    acc_t, _ = _acc(x.dtype)
+    if R == 0:
+        z = torch.zeros(C, dtype=acc_t, device=x.device)
+        return z, z.clone()
+    mean, var_b = _batch_stats(x, R, C, inner)
+    return mean.to(acc_t), var_b.to(acc_t)
+
+
+def batch_norm_backward_reduce(grad, input, output, mean, activation):
+    """(sum dz, sum dz (x - mean)) per channel as hpml::batch_norm_backward_reduce."""
+    x, outer, C, inner = _layout(input)
+    R = outer * inner
+    acc_t, _ = _acc(x.dtype)
+    relu = activation == 1
+    if R == 0:
+        z = torch.zeros(C, dtype=acc_t, device=x.device)
+        return z, z.clone()
+    dy = _same_layout(grad, x)
+    y = _same_layout(output, x) if relu else x
+    ref = mean.to(acc_t).contiguous()
+    sdz, sdzx = _channel_sums(x, dy, y, ref, R, C, inner, True, relu)
+    return sdz.to(acc_t), sdzx.to(acc_t)
+
+
+def batch_norm_backward_elemt(
+    grad, input, weight, output, mean, invstd, sum_dz, sum_dz_xmu, count, activation
+):
+    """grad_input from whole-batch sums, as hpml::batch_norm_backward_elemt."""
+    if count <= 0:
+        raise RuntimeError(f"hpml::batch_norm_backward_elemt: count must be positive, got {count}")
+    x, _, _, _ = _layout(input)
+    relu = activation == 1
+    dy = _same_layout(grad, x)
+    y = _same_layout(output, x) if relu else x
+    acc_t, _ = _acc(x.dtype)
+    return _dx(
+        x, dy, y, weight, mean.to(acc_t), invstd.to(acc_t), sum_dz, sum_dz_xmu, count, True, relu
+    )
 
 
 def aot_specs() -> list[dict]:

@@ -4,5 +4,13 @@
 from .batch_norm import BatchNorm1d, BatchNorm2d
 from .bce_with_logits import BCEWithLogitsLoss
 from .linear_act import FusedLinear
+from .sync_batch_norm import SyncBatchNorm, convert_sync_batchnorm
 
-__all__ = ["BCEWithLogitsLoss", "BatchNorm1d", "BatchNorm2d", "FusedLinear"]
+__all__ = [
+    "BCEWithLogitsLoss",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "FusedLinear",
+    "SyncBatchNorm",
+    "convert_sync_batchnorm",
+]

@@ -66,6 +66,42 @@ def _batch_norm_backward_triton(
     )
 
 
+@torch.library.custom_op("hpml::batch_norm_stats_triton", mutates_args=())
+def _batch_norm_stats_triton(input: Tensor) -> tuple[Tensor, Tensor]:
+    from ..kernels.batch_norm import batch_norm_stats
+
+    return batch_norm_stats(input)
+
+
+@torch.library.custom_op("hpml::batch_norm_backward_reduce_triton", mutates_args=())
+def _batch_norm_backward_reduce_triton(
+    grad: Tensor, input: Tensor, output: Tensor, mean: Tensor, activation: int
+) -> tuple[Tensor, Tensor]:
+    from ..kernels.batch_norm import batch_norm_backward_reduce
+
+    return batch_norm_backward_reduce(grad, input, output, mean, activation)
+
+
+@torch.library.custom_op("hpml::batch_norm_backward_elemt_triton", mutates_args=())
+def _batch_norm_backward_elemt_triton(
+    grad: Tensor,
+    input: Tensor,
+    weight: Tensor | None,
+    output: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    sum_dz: Tensor,
+    sum_dz_xmu: Tensor,
+    count: int,
+    activation: int,
+) -> Tensor:
+    from ..kernels.batch_norm import batch_norm_backward_elemt
+
+    return batch_norm_backward_elemt(
+        grad, input, weight, output, mean, invstd, sum_dz, sum_dz_xmu, count, activation
+    )
+
+
 def _stat_dtype(input: Tensor) -> torch.dtype:
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
@@ -133,6 +169,42 @@ for _fwd, _bwd in _OPS.values():
         # As torch's batch_norm under autocast: the input as it comes, statistics in fp32.
         autocast_dtype=None,
     )
+
+
+def _fake_stats(input):
+    stats = input.new_empty((input.shape[1],), dtype=_stat_dtype(input))
+    return stats, torch.empty_like(stats)
+
+
+def _fake_reduce(grad, input, output, mean, activation):
+    return _fake_stats(input)
+
+
+def _fake_elemt(grad, input, weight, output, mean, invstd, sum_dz, sum_dz_xmu, count, activation):
+    return torch.empty_like(input)
+
+
+# The pieces SyncBatchNorm (hpml_ops.nn.SyncBatchNorm) combines with collectives: per backend,
+# (forward, stats, backward_reduce, backward_elemt). No autograd formula of their own: the
+# module's autograd.Function calls them.
+SYNC_OPS = {
+    "triton": (
+        torch.ops.hpml.batch_norm_triton.default,
+        torch.ops.hpml.batch_norm_stats_triton.default,
+        torch.ops.hpml.batch_norm_backward_reduce_triton.default,
+        torch.ops.hpml.batch_norm_backward_elemt_triton.default,
+    )
+}
+if _backend.HAS_EXTENSION:
+    SYNC_OPS["cpp"] = (
+        torch.ops.hpml.batch_norm.default,
+        torch.ops.hpml.batch_norm_stats.default,
+        torch.ops.hpml.batch_norm_backward_reduce.default,
+        torch.ops.hpml.batch_norm_backward_elemt.default,
+    )
+for _ops in SYNC_OPS.values():
+    for _op, _fake in zip(_ops[1:], (_fake_stats, _fake_reduce, _fake_elemt), strict=True):
+        torch.library.register_fake(_op)(_fake)
 
 
 def _check_args(input, running_mean, running_var, weight, bias, training, activation):
