@@ -12,7 +12,7 @@ SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -na
 # /usr/local/bin/nvcc may be a wrapper; the toolkit is /usr/local/cuda (setup.py finds it too).
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: setup build test bench gpu-build-check lint format clean
+.PHONY: setup build test train bench gpu-build-check lint format clean
 
 setup: $(DEPS)
 
@@ -38,10 +38,20 @@ $(EXT): $(DEPS) $(SOURCES)
 test: $(EXT)
 	$(PY) -m pytest -q
 
+# The README's main command: an MLP with batch norm on scikit-learn's breast-cancer data, trained
+# with the fused ops (cpp on CPU, triton on a GPU) and, from the same initial weights and data
+# order, in plain PyTorch; prints the comparison table and writes runs/breast_cancer/ (metrics.json,
+# train.png, checkpoint.pt). One thread: a 30-64-32-1 MLP at batch 32 is far too small for
+# intra-op threads to help, and on a shared machine they make the timing erratic.
+train: $(EXT)
+	$(PY) -m hpml_ops.train --dataset breast_cancer --compare-reference --warmup-steps 30 \
+	  --threads 1 --log-every 5 --out runs/breast_cancer
+
 bench: $(EXT)
 	$(PY) benchmarks/bench_bce_with_logits.py
 	$(PY) benchmarks/bench_linear_act.py
 	$(PY) benchmarks/bench_batch_norm.py
+	$(PY) benchmarks/bench_mlp.py
 
 gpu-build-check: $(EXT)
 	$(PY) tools/gpu_build_check.py

@@ -122,7 +122,8 @@ void reduce_channels(int64_t outer, int64_t C, int64_t inner, const F& f, std::v
     }
 }
 
-// Calls f(offset, count, par) for every vector of elements, in parallel (no reduction).
+// Calls f(offset, count, par) for every vector of elements, in parallel (no reduction); each
+// worker fences its streaming stores (store_stream) before it returns.
 template <typename acc_t, typename F>
 void map_channels(int64_t outer, int64_t C, int64_t inner, const F& f) {
   using Vec = Vectorized<acc_t>;
@@ -135,6 +136,7 @@ void map_channels(int64_t outer, int64_t C, int64_t inner, const F& f) {
           const int64_t n = std::min(V, C - c);
           f(r * C + c, n, [&](const acc_t* p) { return Vec::loadu(p + c, n); });
         }
+      stream_fence();
     });
     return;
   }
@@ -144,6 +146,7 @@ void map_channels(int64_t outer, int64_t C, int64_t inner, const F& f) {
       for (int64_t i = 0; i < inner; i += V)
         f(t * inner + i, std::min(V, inner - i), [&](const acc_t* p) { return Vec(p[c]); });
     }
+    stream_fence();
   });
 }
 
@@ -158,6 +161,13 @@ at::Tensor empty_like_layout(const BnLayout& l) {
   perm.push_back(c);
   return empty_cpu_output(perm, l.x.scalar_type()).movedim(-1, 1);
 }
+
+// Outputs of at least this many bytes are written with streaming stores: far larger than the
+// cache, they would only evict the input the same pass still reads. (4096 x 1024 fp32, 16 MB,
+// stays cache-resident for the op that reads it next.)
+constexpr int64_t kStreamBytes = int64_t(32) << 20;
+
+inline bool stream_output(const at::Tensor& t) { return t.numel() * t.element_size() >= kStreamBytes; }
 
 // A per-channel vector (weight, bias, running stats) in the accumulation dtype; `fill` if absent.
 template <typename acc_t>
@@ -240,13 +250,17 @@ void backward_dx(const BnLayout& l, const at::Tensor& g, const at::Tensor& y, bo
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
   const scalar_t* yp = relu ? y.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+  const bool stream = stream_output(dx);
   const Vec zero(acc_t(0));
   map_channels<acc_t>(l.outer, l.channels, l.inner, [&](int64_t off, int64_t cnt, const auto& par) {
     const Vec dy = load(gp + off, cnt);
     Vec v = relu ? math::vselect(load(yp + off, cnt) > zero, dy, zero) : dy;
     if (batch_terms)
       v = v - par(gmean.data()) - (load(x + off, cnt) - par(mean.data())) * par(k.data());
-    store(dxp + off, v * par(scale.data()), cnt);
+    if (stream)
+      store_stream(dxp + off, v * par(scale.data()), cnt);
+    else
+      store(dxp + off, v * par(scale.data()), cnt);
   });
 }
 
@@ -289,10 +303,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_cpu(
         for (int64_t c = 0; c < C; ++c) scale[c] = gamma[c] * invstd[c];
         scalar_t* y = out.mutable_data_ptr<scalar_t>();
         const bool relu = activation == 1;
+        const bool stream = stream_output(out);
         map_channels<acc_t>(l.outer, C, l.inner, [&](int64_t off, int64_t cnt, const auto& par) {
           Vec v = (load(x + off, cnt) - par(mean.data())) * par(scale.data()) + par(beta.data());
           if (relu) v = math::activate<math::Act::Relu>(v, Vec(acc_t(0)));
-          store(y + off, v, cnt);
+          if (stream)
+            store_stream(y + off, v, cnt);
+          else
+            store(y + off, v, cnt);
         });
         mean_t = channel_tensor(mean);
         invstd_t = channel_tensor(invstd);
@@ -305,6 +323,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     const at::Tensor& output, const at::Tensor& mean_t, const at::Tensor& invstd_t, bool training,
     int64_t activation, bool input_grad, bool weight_grad, bool bias_grad) {
   check_backward("hpml::batch_norm_backward", grad, input, weight, output, activation);
+  check_channel_vector(mean_t, input, "mean");
+  check_channel_vector(invstd_t, input, "invstd");
   const BnLayout l = bn_layout(input);
   const int64_t C = l.channels, n = l.count();
   // grad and output in the input's layout, so that one offset addresses all three.

@@ -1,8 +1,11 @@
 // Host-side checks and the memory layout of hpml::batch_norm, shared by the CPU and CUDA
-// launchers.
+// launchers, and the per-channel / per-element arithmetic of the CUDA kernels (C10_HOST_DEVICE).
 #pragma once
 
 #include <ATen/ops/empty_like.h>
+#include <c10/macros/Macros.h>
+
+#include <cmath>
 
 #include "common.h"
 
@@ -104,6 +107,54 @@ inline void check_backward(const char* op, const at::Tensor& grad, const at::Ten
                 output.sizes(), " ", output.scalar_type());
     check_same_device(input, output, "output");
   }
+}
+
+// ---- per-channel and per-element arithmetic (C10_HOST_DEVICE) ------------------------------------
+// Used by the CUDA kernels (csrc/cuda/batch_norm.cu); the CPU launcher (batch_norm.cpp) spells the
+// same expressions inline, in the same order, except that a division by n is a product with
+// inv_n = 1 / n here (computed once on the host: on the GPU a double division is a called
+// subroutine). Results differ from the CPU's by the order of the sums and an ulp of double.
+
+// Mean and biased variance (double) of n values from the shifted sums s1 = sum(x - shift) and
+// s2 = sum((x - shift)^2), inv_n = 1 / n (0 for n == 0: mean shift, variance 0). The variance is
+// clamped at 0 as std::max(v, 0.0) does (a NaN stays NaN).
+struct BnMoments {
+  double mean = 0.0, var = 0.0;
+};
+C10_HOST_DEVICE inline BnMoments bn_moments(double inv_n, double shift, double s1, double s2) {
+  const double m1 = s1 * inv_n;
+  const double v = s2 * inv_n - m1 * m1;
+  BnMoments m;
+  m.mean = shift + m1;
+  m.var = v < 0.0 ? 0.0 : v;
+  return m;
+}
+
+C10_HOST_DEVICE inline double bn_invstd(double var, double eps) { return 1.0 / ::sqrt(var + eps); }
+
+// The factor n / (n - 1) from the biased to the unbiased variance (1 for n <= 1).
+inline double bn_unbias_factor(int64_t n) {
+  return n > 1 ? static_cast<double>(n) / static_cast<double>(n - 1) : 1.0;
+}
+inline double bn_inv_count(int64_t n) { return n > 0 ? 1.0 / static_cast<double>(n) : 0.0; }
+
+// Backward coefficients: dx = (dz - gmean - (x - mean) k) scale with gmean = sum(dz) / n and
+// k = sum(dz (x - mean)) / n invstd^2 (invstd as stored, in the accumulation dtype).
+C10_HOST_DEVICE inline double bn_grad_mean(double sum_dz, double inv_n) { return sum_dz * inv_n; }
+C10_HOST_DEVICE inline double bn_grad_k(double sum_dz_xmu, double inv_n, double invstd) {
+  return sum_dz_xmu * inv_n * invstd * invstd;
+}
+
+// y = (x - mean) scale + beta: subtracting first keeps a large offset exact.
+template <typename T>
+C10_HOST_DEVICE inline T bn_normalize(T x, T mean, T scale, T beta) {
+  return (x - mean) * scale + beta;
+}
+
+// dx with the batch terms (training, and SyncBatchNorm's elementwise step).
+template <typename T>
+C10_HOST_DEVICE inline T bn_dx(T dz, T x, T mean, T gmean, T k, T scale) {
+  return (dz - gmean - (x - mean) * k) * scale;
 }
 
 }  // namespace hpml

@@ -45,6 +45,35 @@ inline void store(scalar_t* p, const Vectorized<opmath_t<scalar_t>>& v, int64_t 
   }
 }
 
+// store(), but full fp32/fp64 vectors at 32-byte aligned addresses go around the cache
+// (_mm256_stream_*): a streamed line is not read before it is written (no read-for-ownership),
+// which saves a quarter of the traffic of a pass that reads two inputs and writes one output.
+// For outputs far larger than the cache only; the writing thread calls stream_fence() before
+// the data is read by another thread.
+template <typename scalar_t>
+inline void store_stream(scalar_t* p, const Vectorized<opmath_t<scalar_t>>& v, int64_t count) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (count == 8 && (reinterpret_cast<uintptr_t>(p) & 31) == 0) {
+      _mm256_stream_ps(p, static_cast<__m256>(v));
+      return;
+    }
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    if (count == 4 && (reinterpret_cast<uintptr_t>(p) & 31) == 0) {
+      _mm256_stream_pd(p, static_cast<__m256d>(v));
+      return;
+    }
+  }
+#endif
+  store(p, v, count);
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // Bit k set where lane k of v is > 0, for k < count (other bits 0). One movemask on AVX2.
 template <typename T>
 inline uint32_t positive_bits(const Vectorized<T>& v, int64_t count) {

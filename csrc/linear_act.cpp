@@ -29,8 +29,8 @@ namespace {
 // Rows per unit of parallel work and per partial bias-gradient sum (fixed).
 constexpr int64_t kRowChunk = 16;
 
-// oneDNN's inner product (mkldnn::_linear_pointwise, the op Inductor's CPU fusion calls) for fp32
-// when this torch has it: on the 2-core AMD EPYC CI machine it ran x W^T for 4096x1024x1024 in
+// oneDNN's inner product (mkldnn::_linear_pointwise, the op Inductor's CPU fusion calls) for the
+// fp32 forward when this torch has it: on the 2-core AMD EPYC CI machine it ran x W^T for 4096x1024x1024 in
 // 66.9 ms where torch.addmm (MKL sgemm) took 88.5 ms, and dZ W in 69.4 ms (with the copy of W^T)
 // against 87.5 ms. Looked up at run time, so a torch built without oneDNN falls back to at::mm;
 // HPML_NO_ONEDNN=1 turns it off (to compare). Same fp32 arithmetic (no reduced-precision mode).
@@ -43,9 +43,16 @@ const c10::OperatorHandle* onednn_linear_op() {
   return op ? &*op : nullptr;
 }
 
+// Only for large products: each call builds (or looks up) a oneDNN primitive, ~60 us here, which
+// made a 32x30x64 product 4x slower than at::mm (81 vs 20 us): the training step of a small MLP
+// is mostly such calls. From 2^30 multiply-adds (e.g. 1024^3) that overhead is below 0.2%.
+constexpr int64_t kOneDnnMinMacs = int64_t(1) << 30;
+
 bool use_onednn(const at::Tensor& t, int64_t M, int64_t N, int64_t K) {
   // oneDNN rejects empty products (K == 0 fails to create its primitive).
-  return t.scalar_type() == at::kFloat && M > 0 && N > 0 && K > 0 && onednn_linear_op() != nullptr;
+  return t.scalar_type() == at::kFloat && M > 0 && N > 0 && K > 0 &&
+         static_cast<double>(M) * N * K >= static_cast<double>(kOneDnnMinMacs) &&
+         onednn_linear_op() != nullptr;
 }
 
 // x (M, K) times w (N, K) transposed, plus b: (M, N). The op reads its operands as dense
@@ -201,8 +208,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
             });
           });
           if (bias_grad) {
-            // Chunk order, in the accumulation dtype: independent of the thread count.
-            std::vector<acc_t> total(N, acc_t(0));
+            // Chunk order, in double: independent of the thread count, and over 8192 rows 5x
+            // more accurate than adding the fp32 partials in fp32 (2.1e-4 -> 4e-5 absolute).
+            std::vector<double> total(N, 0.0);
             for (int64_t c = 0; c < nchunks; ++c)
               for (int64_t j = 0; j < N; ++j) total[j] += parts[c * N + j];
             scalar_t* dbp = db.mutable_data_ptr<scalar_t>();
@@ -212,13 +220,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
   } else if (bias_grad) {
     db.zero_();
   }
-  at::Tensor dx;
-  if (input_grad && use_onednn(dz, M, input.size(1), N)) {
-    dx = onednn_linear(dz, weight.t(), std::nullopt);  // dZ W = dZ (W^T)^T
-  } else {
-    dx = empty_cpu_output(input_grad ? input.sizes() : at::IntArrayRef{0}, dt);
-    if (input_grad) at::mm_out(dx, dz, weight);
-  }
+  // dZ W on at::mm: through oneDNN (with a copy of W^T) it ran 20% faster at 4096x1024x1024 but
+  // with 3x torch's fp32 error (1.5e-5 against 4.9e-6 at 8192x64 -> 2048, over the parity
+  // tolerance), where the forward's oneDNN product stays within it.
+  at::Tensor dx = empty_cpu_output(input_grad ? input.sizes() : at::IntArrayRef{0}, dt);
+  if (input_grad) at::mm_out(dx, dz, weight);
   // dZ^T X stays on at::mm: oneDNN's inner product would need both operands transposed in
   // memory, and those copies cost more than it saves (110 ms against 87 ms here).
   at::Tensor dw = empty_cpu_output(weight_grad ? weight.sizes() : at::IntArrayRef{0}, dt);

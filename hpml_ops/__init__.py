@@ -5,7 +5,7 @@ The package imports without the compiled extension and without triton; a missing
 reported by ``backend_status()`` with the reason, and the others still work.
 """
 
-from . import nn, reference
+from . import models, nn, reference
 from ._backend import (
     BackendUnavailableError,
     available_backends,
@@ -13,9 +13,20 @@ from ._backend import (
     get_backend,
     use_backend,
 )
+from .convert import convert
 from .ops import batch_norm, binary_cross_entropy_with_logits, linear_act, linear_relu
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # hpml_ops.train (the training loop and CLI) loads on first use: `import hpml_ops` stays light.
+    if name == "train":
+        import importlib
+
+        return importlib.import_module(".train", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BackendUnavailableError",
@@ -23,10 +34,13 @@ __all__ = [
     "backend_status",
     "batch_norm",
     "binary_cross_entropy_with_logits",
+    "convert",
     "get_backend",
     "linear_act",
     "linear_relu",
+    "models",
     "nn",
     "reference",
+    "train",
     "use_backend",
 ]

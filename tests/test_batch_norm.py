@@ -110,6 +110,55 @@ def test_split_reduction(backend, shape):
     _check_running_stats(backend, x, w, b, rm, rv, "relu")
 
 
+@pytest.mark.parametrize(
+    "shape,cl",
+    [((32768, 257), False), ((16, 33, 128, 125), False), ((16, 33, 128, 125), True)],
+    ids=["2d", "nchw", "nhwc"],
+)
+def test_streamed_outputs(shape, cl):
+    """Outputs of >= 32 MiB: the C++ CPU kernels write y and dx with streaming stores (full,
+    aligned vectors; a row of 257 channels makes most rows misaligned, so both paths run), and
+    the backward reads the streamed y for the ReLU mask. Over 8M values a few pre-activations
+    sit within fp32 rounding of 0, where fp32 and fp64 may take different sides of the ReLU:
+    the float64 reference takes our output's mask."""
+    if DEVICE != "cpu" or "cpp" not in hpml_ops.available_backends("cpu"):
+        pytest.skip("the streaming stores are the C++ CPU kernels' (cpp backend unavailable)")
+    x, w, b, rm, rv = _make(shape, torch.float32, 11, channels_last=cl)
+    assert x.numel() * 4 >= 32 << 20
+    leaves = [t.detach().requires_grad_(True) for t in (x, w, b)]
+    with hpml_ops.use_backend("cpp"):
+        out = hpml_ops.batch_norm(
+            leaves[0], rm.clone(), rv.clone(), leaves[1], leaves[2], True, activation="relu"
+        )
+    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    out.backward(gout)
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
+    pre = F.batch_norm(ref_leaves[0], None, None, ref_leaves[1], ref_leaves[2], True)
+    mask = out.detach() > 0
+    pre.backward(gout.double() * mask)
+    atol, rtol = TOL[torch.float32]
+    torch.testing.assert_close(
+        out.detach().double(), F.relu(pre.detach()) * mask, atol=atol, rtol=rtol
+    )
+    assert out.is_contiguous(memory_format=torch.channels_last) if cl else out.is_contiguous()
+    torch.testing.assert_close(leaves[0].grad.double(), ref_leaves[0].grad, atol=atol, rtol=rtol)
+    # grad_weight and grad_bias sum 2^15-2^18 terms of mixed sign per channel: a channel whose
+    # sum cancels to ~0.1 from terms of ~1 cannot meet an error bound relative to the result.
+    # The bound is the summation's own: rtol x sum |terms| per channel (~1e-2 here; our largest
+    # error is ~1.3e-4, torch's fp32 batch norm ~1.8e-3).
+    dims = [0, *range(2, x.dim())]
+    dz = gout.double() * mask
+    xhat = (pre.detach() - b.double().view([1, -1] + [1] * (x.dim() - 2))) / w.double().view(
+        [1, -1] + [1] * (x.dim() - 2)
+    )
+    for ours, ref, terms in (
+        (leaves[1].grad, ref_leaves[1].grad, (dz * xhat).abs().sum(dims)),
+        (leaves[2].grad, ref_leaves[2].grad, dz.abs().sum(dims)),
+    ):
+        err = (ours.double() - ref).abs()
+        assert (err <= rtol * terms + atol).all(), f"{err.max()} > {rtol} x {terms.min()}"
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("backend", backend_params(include_reference=False, op="batch_norm"))
 def test_large_offset(backend, channels_last):

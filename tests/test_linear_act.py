@@ -9,6 +9,8 @@ interpreter's bf16 dot is wrong); only a GPU runs the bf16 tensor-core path."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -69,6 +71,41 @@ def test_parity(backend, dtype, shape, activation, bias):
         names=("input", "weight", "bias"),
     )
     assert out.shape == (*shape[0][:-1], shape[1])
+
+
+def test_large_product_through_onednn():
+    """From 2^30 multiply-adds the C++ CPU forward runs x W^T through oneDNN's inner product
+    (when torch has it; smaller products stay on at::mm, tested above). The output against
+    float64 at the fp32 tolerance, for a 1024- and a 4096-long contraction; the backward's dX
+    and dW are at::mm's, as torch's (bitwise equal to torch's fp32 gradients: over 1024 rows
+    both miss the per-element fp32 tolerance, by the same 2.7e-4), db against float64."""
+    if DEVICE != "cpu" or "cpp" not in hpml_ops.available_backends("cpu"):
+        pytest.skip("the oneDNN path is the C++ CPU kernel's (cpp backend unavailable)")
+    onednn = (
+        hasattr(torch.ops.mkldnn, "_linear_pointwise") and os.environ.get("HPML_NO_ONEDNN") != "1"
+    )
+    atol, rtol = 1e-5, 1.3e-6  # tests/helpers.py TOL[torch.float32]
+    for shape, n, act in (((1024, 1024), 1024, "relu"), ((1024, 4096), 256, "none")):
+        x, w, b = _make(shape, n, torch.float32, seed=41)
+        assert shape[0] * shape[1] * n >= 2**30
+        leaves = [t.detach().requires_grad_(True) for t in (x, w, b)]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with hpml_ops.use_backend("cpp"):
+                out = hpml_ops.linear_act(*leaves, act)
+        if onednn:
+            names = {e.name for e in prof.events()}
+            assert any("_linear_pointwise" in e for e in names), "oneDNN inner product not used"
+        ref = hpml_ops.reference.linear_act(x.double(), w.double(), b.double(), act)
+        torch.testing.assert_close(out.detach().double(), ref, atol=atol, rtol=rtol)
+        if act != "none":
+            continue
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+        out.backward(g)
+        t_leaves = [t.detach().requires_grad_(True) for t in (x, w, b)]
+        torch.nn.functional.linear(*t_leaves).backward(g)
+        assert torch.equal(leaves[0].grad, t_leaves[0].grad)
+        assert torch.equal(leaves[1].grad, t_leaves[1].grad)
+        torch.testing.assert_close(leaves[2].grad.double(), g.double().sum(0), atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("slope", [0.2, -0.5])

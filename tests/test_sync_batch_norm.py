@@ -222,10 +222,11 @@ def test_module_is_torch_syncbatchnorm_drop_in():
     """Same constructor, buffers and state_dict as torch's SyncBatchNorm; without a process
     group (or in eval) it is our single-process batch norm."""
     torch.manual_seed(0)
-    ours = hpml_ops.nn.SyncBatchNorm(6, eps=1e-4, momentum=0.2, activation="relu")
-    theirs = torch.nn.SyncBatchNorm(6, eps=1e-4, momentum=0.2)
-    assert isinstance(ours, torch.nn.SyncBatchNorm)
+    ours = hpml_ops.nn.SyncBatchNorm(6, 1e-4, 0.2, True, True, None, activation="relu")
+    theirs = torch.nn.SyncBatchNorm(6, 1e-4, 0.2, True, True, None)
     assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert (ours.eps, ours.momentum, ours.process_group) == (theirs.eps, theirs.momentum, None)
+    theirs.load_state_dict(ours.state_dict())  # both ways
     with torch.no_grad():
         theirs.weight.uniform_(0.5, 1.5)
         theirs.bias.normal_()
@@ -240,8 +241,12 @@ def test_module_is_torch_syncbatchnorm_drop_in():
     assert torch.equal(ours(x), bn(x))
     with pytest.raises(ValueError, match="expected at least 2D input"):
         ours(torch.randn(6))
+    with pytest.raises(ValueError, match="input channels should be non-zero"):
+        ours(torch.randn(4, 0))
     with pytest.raises(ValueError, match="activation"):
         hpml_ops.nn.SyncBatchNorm(3, activation="gelu")
+    # DDP takes it in a CPU module (it refuses torch's SyncBatchNorm there).
+    assert not isinstance(ours, torch.nn.SyncBatchNorm)
 
 
 def test_convert_sync_batchnorm():

@@ -5,19 +5,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._backend import use_backend
 from ..ops.batch_norm import ACTIVATIONS, batch_norm
+from ._common import check_backend
 
 
 class _FusedBatchNormMixin:
-    """torch's ``_BatchNorm.forward``, with the normalisation through ``hpml_ops.batch_norm``."""
+    """torch's ``_BatchNorm.forward``, with the normalisation through ``hpml_ops.batch_norm``.
 
-    def _init_activation(self, activation):
+    ``backend``: None runs on the process-wide choice (``hpml_ops.use_backend``); a name runs
+    this module on that backend. An attribute, not part of the ``state_dict``."""
+
+    backend: str | None = None
+
+    def _init_activation(self, activation, backend=None):
         if activation not in ACTIVATIONS:
             raise ValueError(
                 f"{type(self).__name__}: activation must be None, 'none' or 'relu', got "
                 f"{activation!r}"
             )
         self.activation = activation
+        self.backend = check_backend(backend, type(self).__name__)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -34,7 +42,7 @@ class _FusedBatchNormMixin:
                 exponential_average_factor = self.momentum
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
-        return batch_norm(
+        args = (
             input,
             self.running_mean if use_running else None,
             self.running_var if use_running else None,
@@ -45,26 +53,37 @@ class _FusedBatchNormMixin:
             self.eps,
             self.activation,
         )
+        if self.backend is None:
+            return batch_norm(*args)
+        with use_backend(self.backend):
+            return batch_norm(*args)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
-        return s + (f", activation={self.activation}" if self.activation else "")
+        s += f", activation={self.activation}" if self.activation else ""
+        return s + (f", backend={self.backend}" if self.backend is not None else "")
 
 
 class BatchNorm1d(_FusedBatchNormMixin, torch.nn.BatchNorm1d):
     """Drop-in for ``torch.nn.BatchNorm1d`` (input ``(N, C)`` or ``(N, C, L)``): same constructor
     (plus ``activation=None`` or ``"relu"``, fused into the same kernel), same buffers
-    (``running_mean``, ``running_var``, ``num_batches_tracked``) and ``state_dict``."""
+    (``running_mean``, ``running_var``, ``num_batches_tracked``) and ``state_dict``;
+    ``backend=None`` or a backend name for this module alone."""
 
-    def __init__(self, *args, activation: str | None = None, **kwargs) -> None:
+    def __init__(
+        self, *args, activation: str | None = None, backend: str | None = None, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self._init_activation(activation)
+        self._init_activation(activation, backend)
 
 
 class BatchNorm2d(_FusedBatchNormMixin, torch.nn.BatchNorm2d):
     """Drop-in for ``torch.nn.BatchNorm2d`` (input ``(N, C, H, W)``, contiguous or channels last):
-    same constructor (plus ``activation=None`` or ``"relu"``), same buffers and ``state_dict``."""
+    same constructor (plus ``activation=None`` or ``"relu"``, and ``backend=None`` or a backend
+    name for this module alone), same buffers and ``state_dict``."""
 
-    def __init__(self, *args, activation: str | None = None, **kwargs) -> None:
+    def __init__(
+        self, *args, activation: str | None = None, backend: str | None = None, **kwargs
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self._init_activation(activation)
+        self._init_activation(activation, backend)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._backend import use_backend
 from ..ops.linear_act import ACTIVATIONS, linear_act
+from ._common import check_backend
 
 
 class FusedLinear(torch.nn.Linear):
@@ -14,7 +16,13 @@ class FusedLinear(torch.nn.Linear):
     loads into it, and back); the forward runs ``hpml_ops.linear_act``.
 
     Shapes: input ``(*, in_features)``, output ``(*, out_features)``.
+
+    ``backend``: None (default) runs on the process-wide choice (``hpml_ops.use_backend``,
+    ``HPML_BACKEND``); a name ("auto", "cpp", "triton", "reference") runs this module's forward
+    (and so its backward) on that backend. It is an attribute, not part of the ``state_dict``.
     """
+
+    backend: str | None = None
 
     def __init__(
         self,
@@ -25,6 +33,8 @@ class FusedLinear(torch.nn.Linear):
         negative_slope: float = 0.01,
         device=None,
         dtype=None,
+        *,
+        backend: str | None = None,
     ) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(
@@ -34,12 +44,18 @@ class FusedLinear(torch.nn.Linear):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.activation = activation
         self.negative_slope = negative_slope
+        self.backend = check_backend(backend, "FusedLinear")
 
     def forward(self, input: Tensor) -> Tensor:
-        return linear_act(input, self.weight, self.bias, self.activation, self.negative_slope)
+        if self.backend is None:
+            return linear_act(input, self.weight, self.bias, self.activation, self.negative_slope)
+        with use_backend(self.backend):
+            return linear_act(input, self.weight, self.bias, self.activation, self.negative_slope)
 
     def extra_repr(self) -> str:
         s = f"{super().extra_repr()}, activation={self.activation}"
         if self.activation == "leaky_relu":
             s += f", negative_slope={self.negative_slope}"
+        if self.backend is not None:
+            s += f", backend={self.backend}"
         return s

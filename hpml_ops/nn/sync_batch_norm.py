@@ -17,12 +17,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _backend
 from ..ops.batch_norm import ACTIVATIONS, SYNC_OPS
 from .batch_norm import _FusedBatchNormMixin
 
 _OP = "batch_norm"
+# torch >= 2.12 names it all_gather_single (all_gather_into_tensor is deprecated there).
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _merge_stats(gathered: Tensor, c: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -76,7 +79,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             ]
         )
         gathered = row.new_empty(world_size * row.numel())  # flat: what gloo accepts
-        dist.all_gather_into_tensor(gathered, row, group=process_group)
+        _all_gather(gathered, row, process_group)
         count, mean, m2 = _merge_stats(gathered.view(world_size, -1), c)
         total = int(count.item())
         if total <= 1:
@@ -135,21 +138,44 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None, None, None, None
 
 
-class SyncBatchNorm(_FusedBatchNormMixin, torch.nn.SyncBatchNorm):
+class SyncBatchNorm(_FusedBatchNormMixin, _BatchNorm):
     """Drop-in for ``torch.nn.SyncBatchNorm``: same constructor (plus ``activation=None`` or
-    ``"relu"``, fused), buffers and ``state_dict``; input ``(N, C, *)``. In training, with a
-    ``torch.distributed`` group of more than one process, the statistics are those of the whole
-    group's batch (processes may hold different batch sizes), on CPU (gloo) and GPU (nccl);
-    otherwise it is ``hpml_ops.nn.BatchNorm*d``. Use ``convert_sync_batchnorm`` on a model
-    before wrapping it in ``DistributedDataParallel``."""
+    ``"relu"``, fused, and ``backend=None`` or a backend name), buffers and ``state_dict``; input
+    ``(N, C, *)``. In training, with a ``torch.distributed`` group of more than one process, the
+    statistics are those of the whole group's batch (processes may hold different batch sizes),
+    on CPU (gloo) and GPU (nccl); otherwise it is ``hpml_ops.nn.BatchNorm*d``. Use
+    ``convert_sync_batchnorm`` on a model before wrapping it in ``DistributedDataParallel``.
 
-    def __init__(self, *args, activation: str | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_activation(activation)
+    A subclass of torch's ``_BatchNorm``, not of ``torch.nn.SyncBatchNorm``: DDP refuses any
+    ``torch.nn.SyncBatchNorm`` in a CPU module (torch's runs on GPUs only), ours runs on CPU."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        *,
+        activation: str | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        self.process_group = process_group
+        self._init_activation(activation, backend)
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _check_non_zero_input_channels(self, input: Tensor) -> None:
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -174,7 +200,11 @@ class SyncBatchNorm(_FusedBatchNormMixin, torch.nn.SyncBatchNorm):
         running_var = self.running_var if self.track_running_stats else None
         if not input.is_floating_point():
             raise RuntimeError(f"{_OP}: expected a floating-point input, got {input.dtype}")
-        backend = _backend.resolve(input.device, _OP)
+        if self.backend is None:
+            backend = _backend.resolve(input.device, _OP)
+        else:
+            with _backend.use_backend(self.backend):
+                backend = _backend.resolve(input.device, _OP)
         if backend == "reference":
             raise _backend.BackendUnavailableError(
                 "hpml_ops.nn.SyncBatchNorm runs on the cpp or triton backend; neither can run "
@@ -201,9 +231,7 @@ class SyncBatchNorm(_FusedBatchNormMixin, torch.nn.SyncBatchNorm):
         fused activation) becomes a ``SyncBatchNorm`` with the same parameters, buffers,
         ``training`` flag and ``requires_grad``; returns the converted module."""
         module_output = module
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
-            module, SyncBatchNorm
-        ):
+        if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
             module_output = cls(
                 module.num_features,
                 module.eps,
@@ -212,6 +240,7 @@ class SyncBatchNorm(_FusedBatchNormMixin, torch.nn.SyncBatchNorm):
                 module.track_running_stats,
                 process_group,
                 activation=getattr(module, "activation", None),
+                backend=getattr(module, "backend", None),
             )
             if module.affine:
                 with torch.no_grad():

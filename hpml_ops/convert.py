@@ -1,0 +1,219 @@
+"""``convert``: turn the torch modules of an existing model into hpml_ops' drop-ins, in place."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import nn as hnn
+from ._backend import CHOICES, use_backend
+
+# The activations a Linear can absorb, by exact type, and the name linear_act knows them by.
+_LINEAR_ACTIVATIONS: dict[type, str] = {
+    nn.ReLU: "relu",
+    nn.LeakyReLU: "leaky_relu",
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+}
+_BATCH_NORMS: dict[type, type] = {nn.BatchNorm1d: hnn.BatchNorm1d, nn.BatchNorm2d: hnn.BatchNorm2d}
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
+    """Replace, in place, the torch modules of ``model`` that hpml_ops has fused drop-ins for, and
+    return the model.
+
+    What is replaced (exact types only: a subclass of these modules, which may have its own
+    ``forward``, is left as it is, and so is every hpml_ops module already there):
+
+    - ``nn.Linear`` directly followed, in an ``nn.Sequential``, by ``nn.ReLU``, ``nn.LeakyReLU``
+      (its ``negative_slope`` kept), ``nn.Sigmoid`` or ``nn.Tanh``: one ``hpml_ops.nn.FusedLinear``
+      with that activation, and the activation's slot becomes ``nn.Identity()``, so that the
+      Sequential's indices, and therefore the ``state_dict`` keys, stay the same;
+    - any other ``nn.Linear``: ``FusedLinear(activation="none")``;
+    - ``nn.BatchNorm1d`` / ``nn.BatchNorm2d``: ``hpml_ops.nn.BatchNorm1d`` / ``BatchNorm2d``, with
+      ``activation="relu"`` (and the ReLU's slot ``nn.Identity()``) when an ``nn.ReLU`` follows it
+      in an ``nn.Sequential``;
+    - ``nn.BCEWithLogitsLoss``: ``hpml_ops.nn.BCEWithLogitsLoss``.
+
+    The new modules take over the old ones' parameter and buffer *objects* (an optimizer built
+    before the conversion keeps working; ``requires_grad``, device, dtype and values unchanged), the
+    non-persistent-buffer set, the train/eval flag and any other instance attribute, so the
+    ``state_dict`` has the same keys and values: a checkpoint of the original loads into the
+    converted model, and back. Fusion only looks at neighbours within one ``nn.Sequential`` (exact
+    type; its forward is known to run its children in order).
+
+    Not converted: a module with hooks registered on it (forward, backward or state-dict hooks
+    would see a different module, or, fused, a different output), and no activation with hooks is
+    absorbed; a Linear / BatchNorm with parameters of a dtype other than fp32/fp64/fp16/bf16; a
+    module that sits in more than one place of the model is converted once (every place then holds
+    the same new module) and never fused with an activation.
+
+    Args:
+        model: any ``nn.Module``. A bare ``nn.Linear``, ``nn.BatchNorm1d/2d`` or
+            ``nn.BCEWithLogitsLoss`` is converted too: then the *returned* module is the new one.
+        backend: None (default): the converted modules run on the process-wide backend choice
+            (``hpml_ops.use_backend``, ``HPML_BACKEND``); "cpp", "triton", "reference" or "auto":
+            they always run on that backend (their ``backend`` attribute).
+
+    Returns:
+        ``model``, converted in place (or the replacement of a bare module, see above).
+
+    Raises:
+        ValueError: ``backend`` is not None or one of the backend names.
+        hpml_ops.BackendUnavailableError: ``backend`` cannot run here (the message says why).
+        TypeError: ``model`` is not an ``nn.Module``.
+    """
+    if backend is not None:
+        if not isinstance(backend, str) or backend not in CHOICES:
+            raise ValueError(
+                f"convert: backend must be None or one of {', '.join(map(repr, CHOICES))}, got "
+                f"{backend!r}"
+            )
+        with use_backend(backend):  # raises BackendUnavailableError, saying why, if it can't run
+            pass
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
+    # Modules are told apart by id(): every original one is kept alive until the end, so that no
+    # module created on the way can reuse the id of one that was replaced.
+    alive = list(model.modules())
+    uses = _count_uses(model)
+    memo: dict[int, nn.Module] = {}
+    top = _convert_one(model, None, backend, memo)
+    if top is None:
+        _walk(model, backend, uses, memo, set())
+    del alive
+    return model if top is None else top
+
+
+def _count_uses(model: nn.Module) -> dict[int, int]:
+    """How many container slots hold each module (the root counts as one)."""
+    uses = {id(model): 1}
+    for parent in model.modules():  # each distinct module once
+        for child in parent._modules.values():
+            if child is not None:
+                uses[id(child)] = uses.get(id(child), 0) + 1
+    return uses
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return any(getattr(m, name, None) for name in _HOOK_DICTS)
+
+
+def _walk(module: nn.Module, backend, uses, memo, seen: set[int]) -> None:
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    if type(module) is nn.Sequential:
+        _fuse_sequential(module, backend, uses, memo)
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        new = _convert_one(child, None, backend, memo)
+        if new is not None:
+            module._modules[name] = new
+        else:
+            _walk(child, backend, uses, memo, seen)
+
+
+def _fuse_sequential(seq: nn.Sequential, backend, uses, memo) -> None:
+    """Fuse each (Linear | BatchNorm, activation) pair of neighbouring slots of ``seq``."""
+    names = list(seq._modules)
+    i = 0
+    while i < len(names) - 1:
+        m, act = seq._modules[names[i]], seq._modules[names[i + 1]]
+        fusable = (
+            m is not None
+            and act is not None
+            and uses.get(id(m), 0) == 1
+            and not _has_hooks(act)
+            and (
+                (type(m) is nn.Linear and type(act) in _LINEAR_ACTIVATIONS)
+                or (type(m) in _BATCH_NORMS and type(act) is nn.ReLU)
+            )
+        )
+        new = _convert_one(m, act, backend, memo) if fusable else None
+        if new is None:
+            i += 1
+            continue
+        seq._modules[names[i]] = new
+        identity = nn.Identity()
+        identity.train(act.training)
+        seq._modules[names[i + 1]] = identity
+        i += 2
+
+
+def _convert_one(m: nn.Module, act: nn.Module | None, backend, memo) -> nn.Module | None:
+    """The replacement of ``m`` (absorbing the activation module ``act`` when given), or None
+    when ``m`` is not one of the converted types or must stay as it is."""
+    if id(m) in memo:
+        return memo[id(m)] if act is None else None
+    kind = type(m)
+    if _has_hooks(m):
+        return None
+    if kind is nn.Linear:
+        if m.weight.dtype not in _DTYPES:
+            return None
+        activation = "none" if act is None else _LINEAR_ACTIVATIONS[type(act)]
+        slope = act.negative_slope if type(act) is nn.LeakyReLU else 0.01
+        new = hnn.FusedLinear(
+            m.in_features,
+            m.out_features,
+            bias=m.bias is not None,
+            activation=activation,
+            negative_slope=slope,
+            device="meta",  # no memory, no initialisation: the parameters are taken over below
+            dtype=m.weight.dtype,
+            backend=backend,
+        )
+    elif kind in _BATCH_NORMS:
+        tensors = [t for t in (m.weight, m.running_mean) if t is not None]
+        if any(t.dtype not in _DTYPES for t in tensors):
+            return None
+        # Recent torch can leave out the bias alone (bias=False); older versions have no such flag.
+        no_bias = {"bias": False} if m.affine and m.bias is None else {}
+        new = _BATCH_NORMS[kind](
+            m.num_features,
+            eps=m.eps,
+            momentum=m.momentum,
+            affine=m.affine,
+            track_running_stats=m.track_running_stats,
+            device="meta",
+            activation=None if act is None else "relu",
+            backend=backend,
+            **no_bias,
+        )
+    elif kind is nn.BCEWithLogitsLoss:
+        new = hnn.BCEWithLogitsLoss(reduction=m.reduction, backend=backend)
+    else:
+        return None
+    _take_over(new, m)
+    if act is None:
+        memo[id(m)] = new
+    return new
+
+
+def _take_over(new: nn.Module, old: nn.Module) -> None:
+    """Give ``new`` the parameter and buffer objects of ``old`` (same names: the converted types
+    register the same ones as torch's), its train/eval flag and its other instance attributes."""
+    assert set(new._parameters) == set(old._parameters), (new._parameters, old._parameters)
+    assert set(new._buffers) == set(old._buffers), (new._buffers, old._buffers)
+    for name, p in old._parameters.items():
+        new._parameters[name] = p
+    for name, b in old._buffers.items():
+        new._buffers[name] = b
+    new._non_persistent_buffers_set = set(old._non_persistent_buffers_set)
+    new.train(old.training)
+    for name, value in old.__dict__.items():
+        if name not in new.__dict__:
+            new.__dict__[name] = value

@@ -1,0 +1,381 @@
+"""hpml_ops.convert: which modules it replaces (and which it leaves), that the converted model
+computes what the original computes (outputs, every gradient, running statistics; each backend),
+that parameters and buffers are the same objects (an optimizer built before still works) and the
+state_dict the same both ways, train/eval flags, dtype, the per-module backend, bad arguments."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import hpml_ops
+from tests.helpers import DEVICE, TOL, backend_params
+
+FP32_ATOL, FP32_RTOL = TOL[torch.float32]
+
+
+def _mlp() -> nn.Sequential:
+    """Every activation Linear can absorb, a trailing lone Linear, a nested Sequential."""
+    return nn.Sequential(
+        nn.Linear(12, 16),
+        nn.ReLU(),
+        nn.Linear(16, 9),
+        nn.LeakyReLU(0.2),
+        nn.Sequential(nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 5), nn.Sigmoid()),
+        nn.Linear(5, 3),
+    )
+
+
+def _convnet() -> nn.Sequential:
+    """Conv + BatchNorm2d + ReLU blocks, then an MLP head with BatchNorm1d + ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Sequential(
+            nn.Linear(4 * 4 * 4, 10),
+            nn.ReLU(),
+            nn.Linear(10, 6),
+            nn.BatchNorm1d(6),
+            nn.ReLU(),
+            nn.Linear(6, 2),
+        ),
+    )
+
+
+class _Custom(nn.Module):
+    """Linears outside any Sequential: an attribute and the items of a ModuleList (whose order of
+    use only forward knows, so nothing is fused there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 8)
+        self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.ReLU()])
+        self.head = nn.Sequential(nn.Linear(8, 3), nn.Tanh())
+
+    def forward(self, x):
+        h = self.blocks[1](self.blocks[0](torch.relu(self.proj(x))))
+        return self.head(h)
+
+
+def _count(model: nn.Module) -> dict[str, int]:
+    """How many modules of each kind, FusedLinear and our BatchNorm by activation."""
+    out: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, hpml_ops.nn.FusedLinear):
+            key = f"FusedLinear[{m.activation}]"
+        elif isinstance(m, hpml_ops.nn.BatchNorm1d | hpml_ops.nn.BatchNorm2d):
+            key = f"hpml.{type(m).__name__}[{m.activation}]"
+        elif isinstance(m, hpml_ops.nn.BCEWithLogitsLoss):
+            key = "hpml.BCEWithLogitsLoss"
+        else:
+            key = type(m).__name__
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def _step(model, loss_fn, x, target):
+    """One forward + loss + backward; returns (output, loss, input gradient)."""
+    x = x.detach().clone().requires_grad_()
+    y = model(x)
+    loss = loss_fn(y, target)
+    loss.backward()
+    return y.detach(), loss.detach(), x.grad
+
+
+def _assert_same_training(converted, original, x, target, backend):
+    """The converted model, run on ``backend``, against the original run by torch: output, loss,
+    the input's and every parameter's gradient, and every buffer afterwards, in fp32."""
+    loss_ref = nn.BCEWithLogitsLoss(pos_weight=torch.full((target.shape[1],), 2.0, device=DEVICE))
+    loss_ours = hpml_ops.convert(copy.deepcopy(loss_ref))
+    assert type(loss_ours) is hpml_ops.nn.BCEWithLogitsLoss
+    assert torch.equal(loss_ours.pos_weight, loss_ref.pos_weight)
+    y_ref, l_ref, gx_ref = _step(original, loss_ref, x, target)
+    with hpml_ops.use_backend(backend):
+        y, loss, gx = _step(converted, loss_ours, x, target)
+    tol = {"atol": FP32_ATOL, "rtol": FP32_RTOL}
+    torch.testing.assert_close(y, y_ref, **tol, msg=lambda m: f"output: {m}")
+    torch.testing.assert_close(loss, l_ref, **tol, msg=lambda m: f"loss: {m}")
+    torch.testing.assert_close(gx, gx_ref, **tol, msg=lambda m: f"input grad: {m}")
+    params = dict(converted.named_parameters())
+    ref_params = dict(original.named_parameters())
+    assert params.keys() == ref_params.keys()
+    for name, p in params.items():
+        assert p.grad is not None, f"{name}: no gradient"
+        torch.testing.assert_close(
+            p.grad, ref_params[name].grad, **tol, msg=lambda m, n=name: f"grad {n}: {m}"
+        )
+    buffers = dict(converted.named_buffers())
+    ref_buffers = dict(original.named_buffers())
+    assert buffers.keys() == ref_buffers.keys()
+    for name, b in buffers.items():
+        torch.testing.assert_close(
+            b, ref_buffers[name], **tol, msg=lambda m, n=name: f"buffer {n}: {m}"
+        )
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_mlp_matches_original(backend):
+    torch.manual_seed(0)
+    model = _mlp().to(DEVICE)
+    original = copy.deepcopy(model)
+    converted = hpml_ops.convert(model)
+    assert converted is model
+    assert _count(converted) == {
+        "Sequential": 2,
+        "FusedLinear[relu]": 1,
+        "FusedLinear[leaky_relu]": 1,
+        "FusedLinear[tanh]": 1,
+        "FusedLinear[sigmoid]": 1,
+        "FusedLinear[none]": 1,
+        "Identity": 4,
+    }
+    assert converted[2].negative_slope == 0.2
+    x = torch.randn(17, 12, device=DEVICE)
+    target = torch.rand(17, 3, device=DEVICE)
+    _assert_same_training(converted, original, x, target, backend)
+
+
+@pytest.mark.parametrize("backend", backend_params(op="batch_norm"))
+def test_convnet_matches_original(backend):
+    torch.manual_seed(1)
+    model = _convnet().to(DEVICE)
+    original = copy.deepcopy(model)
+    converted = hpml_ops.convert(model)
+    assert _count(converted) == {
+        "Sequential": 2,
+        "Conv2d": 2,
+        "hpml.BatchNorm2d[relu]": 2,
+        "Flatten": 1,
+        "FusedLinear[relu]": 1,
+        "FusedLinear[none]": 2,
+        "hpml.BatchNorm1d[relu]": 1,
+        "Identity": 4,
+    }
+    x = torch.randn(5, 3, 6, 6, device=DEVICE)
+    target = torch.rand(5, 2, device=DEVICE)
+    _assert_same_training(converted, original, x, target, backend)
+    assert converted[1].num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("backend", backend_params(op="batch_norm"))
+def test_eval_mode_matches_original(backend):
+    """Converted in eval mode: modules stay in eval, the running statistics are used, outputs
+    match; a module left in training mode inside the eval model keeps its flag."""
+    torch.manual_seed(2)
+    model = _convnet().to(DEVICE)
+    with torch.no_grad():  # non-trivial running statistics
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    model[4].train()
+    original = copy.deepcopy(model)
+    converted = hpml_ops.convert(model)
+    assert converted[1].training is False and converted[2].training is False
+    assert converted[4].training is True
+    assert [m.training for m in converted.modules()] == [m.training for m in original.modules()]
+    x = torch.randn(4, 3, 6, 6, device=DEVICE)
+    with torch.no_grad():
+        y_ref = original(x)
+        with hpml_ops.use_backend(backend):
+            y = converted(x)
+    torch.testing.assert_close(y, y_ref, atol=FP32_ATOL, rtol=FP32_RTOL)
+    for name, b in converted.named_buffers():  # eval: unchanged; [4] in training: updated alike
+        torch.testing.assert_close(b, dict(original.named_buffers())[name])
+
+
+def test_same_objects_and_optimizer_built_before():
+    """Parameters and buffers are the very same tensors, so an optimizer created before the
+    conversion updates the converted model."""
+    torch.manual_seed(3)
+    model = _convnet().to(DEVICE)
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    hpml_ops.convert(model)
+    for name, p in model.named_parameters():
+        assert p is params[name], name
+    for name, b in model.named_buffers():
+        assert b is buffers[name], name
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(3, 3, 6, 6, device=DEVICE)
+    model(x).square().mean().backward()
+    opt.step()
+    for name, p in model.named_parameters():
+        # SGD's first step with momentum: the buffer is the gradient, p -= lr * grad.
+        assert p.grad is not None, name
+        assert torch.equal(opt.state[p]["momentum_buffer"], p.grad), name
+        torch.testing.assert_close(p.detach(), before[name].add(p.grad, alpha=-0.1), msg=name)
+    assert not torch.equal(model[0].weight, before["0.weight"])
+
+
+def test_state_dict_round_trip():
+    """Same keys and values; the original's checkpoint loads strictly into the converted model
+    and the converted model's into a fresh original."""
+    torch.manual_seed(4)
+    model = _convnet().to(DEVICE)
+    model(torch.randn(3, 3, 6, 6, device=DEVICE))  # running statistics away from their init
+    sd_before = {k: v.clone() for k, v in model.state_dict().items()}
+    hpml_ops.convert(model)
+    sd = model.state_dict()
+    assert list(sd) == list(sd_before)
+    for k, v in sd.items():
+        assert torch.equal(v, sd_before[k]), k
+    torch.manual_seed(5)
+    fresh_original = _convnet().to(DEVICE)
+    fresh_original.load_state_dict(sd, strict=True)
+    for k, v in fresh_original.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    torch.manual_seed(6)
+    fresh_converted = hpml_ops.convert(_convnet().to(DEVICE))
+    fresh_converted.load_state_dict(sd_before, strict=True)
+    for k, v in fresh_converted.state_dict().items():
+        assert torch.equal(v, sd_before[k]), k
+
+
+def test_outside_sequential_and_left_alone():
+    """A Linear outside a Sequential becomes FusedLinear("none") (in a ModuleList too, not fused
+    with the ReLU after it); subclasses, our own modules, modules with hooks, and shared modules'
+    fusion are left alone; a bare module is returned converted."""
+
+    class MyLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    torch.manual_seed(7)
+    model = _Custom()
+    ours = hpml_ops.nn.FusedLinear(3, 3, activation="tanh")
+    sub = MyLinear(3, 3)
+    hooked = nn.Linear(3, 3)
+    hooked.register_forward_hook(lambda m, i, o: None)
+    shared = nn.Linear(3, 3)
+    extra = nn.Sequential(ours, sub, nn.ReLU(), hooked, nn.ReLU(), shared, nn.ReLU(), shared)
+    model.extra = extra
+    original = copy.deepcopy(model)
+    hpml_ops.convert(model)
+    assert type(model.proj) is hpml_ops.nn.FusedLinear and model.proj.activation == "none"
+    assert type(model.blocks[0]) is hpml_ops.nn.FusedLinear
+    assert model.blocks[0].activation == "none" and type(model.blocks[1]) is nn.ReLU
+    assert model.head[0].activation == "tanh" and type(model.head[1]) is nn.Identity
+    assert extra[0] is ours and extra[1] is sub and type(extra[2]) is nn.ReLU
+    assert extra[3] is hooked and type(extra[4]) is nn.ReLU
+    assert type(extra[5]) is hpml_ops.nn.FusedLinear and extra[5].activation == "none"
+    assert extra[7] is extra[5] and type(extra[6]) is nn.ReLU
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(model(x), original(x), atol=FP32_ATOL, rtol=FP32_RTOL)
+    x3 = torch.randn(4, 3)
+    torch.testing.assert_close(extra(x3), original.extra(x3), atol=FP32_ATOL, rtol=FP32_RTOL)
+
+    lin = nn.Linear(5, 4, bias=False)
+    new = hpml_ops.convert(lin)
+    assert type(new) is hpml_ops.nn.FusedLinear and new.activation == "none"
+    assert new.weight is lin.weight and new.bias is None
+    bn = nn.BatchNorm1d(4, momentum=None, affine=False)
+    new_bn = hpml_ops.convert(bn)
+    assert type(new_bn) is hpml_ops.nn.BatchNorm1d and new_bn.activation is None
+    assert new_bn.momentum is None and new_bn.weight is None
+    assert new_bn.running_mean is bn.running_mean
+    relu = nn.ReLU()
+    assert hpml_ops.convert(relu) is relu
+
+
+def test_dtype_device_requires_grad_kept():
+    torch.manual_seed(8)
+    model = _mlp().to(DEVICE, torch.float64)
+    model[0].weight.requires_grad_(False)
+    original = copy.deepcopy(model)
+    hpml_ops.convert(model)
+    for p in model.parameters():
+        assert p.dtype == torch.float64 and p.device.type == torch.device(DEVICE).type
+    assert model[0].weight.requires_grad is False and model[0].bias.requires_grad is True
+    x = torch.randn(6, 12, device=DEVICE, dtype=torch.float64)
+    atol, rtol = TOL[torch.float64]
+    torch.testing.assert_close(model(x), original(x), atol=atol, rtol=rtol)
+
+
+def _hpml_ops_run(model, *args) -> set[str]:
+    """The names of the hpml:: ops that running ``model(*args)`` called."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(*args)
+    return {e.key for e in prof.key_averages() if e.key.startswith("hpml::")}
+
+
+def test_backend_attribute_honoured():
+    """convert(backend=...) pins the modules to that backend, whatever the global choice; the
+    default (None) follows the global choice."""
+    if hpml_ops._backend.unavailable_reason("cpp", torch.device(DEVICE).type, "batch_norm"):
+        pytest.skip("needs the cpp backend's linear_act and batch_norm on this device")
+    torch.manual_seed(9)
+    pinned = hpml_ops.convert(_convnet().to(DEVICE), backend="cpp")
+    free = hpml_ops.convert(_convnet().to(DEVICE))
+    for m in pinned.modules():
+        if isinstance(m, hpml_ops.nn.FusedLinear | hpml_ops.nn.BatchNorm2d):
+            assert m.backend == "cpp"
+    x = torch.randn(3, 3, 6, 6, device=DEVICE)
+    with hpml_ops.use_backend("reference"):
+        assert _hpml_ops_run(pinned, x) == {"hpml::linear_act", "hpml::batch_norm"}
+        assert _hpml_ops_run(free, x) == set()
+    with hpml_ops.use_backend("cpp"):
+        assert _hpml_ops_run(free, x) == {"hpml::linear_act", "hpml::batch_norm"}
+    loss = hpml_ops.convert(nn.BCEWithLogitsLoss(), backend="reference")
+    assert loss.backend == "reference"
+    y = torch.randn(4, 2, device=DEVICE)
+    with hpml_ops.use_backend("cpp"):
+        assert _hpml_ops_run(loss, y, torch.rand_like(y)) == set()
+
+
+def test_compile_converted_fullgraph():
+    """A model converted with a pinned backend compiles with no graph break (the use_backend
+    block inside each forward traces) and trains as in eager."""
+    if hpml_ops._backend.unavailable_reason("cpp", torch.device(DEVICE).type, "batch_norm"):
+        pytest.skip("needs the cpp backend's linear_act and batch_norm on this device")
+    torch._dynamo.reset()
+    torch.manual_seed(10)
+    eager = hpml_ops.convert(
+        nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1), nn.Tanh()),
+        backend="cpp",
+    ).to(DEVICE)
+    comp = copy.deepcopy(eager)
+    x = torch.randn(16, 6, device=DEVICE)
+    with hpml_ops.use_backend("reference"):
+        ye = eager(x)
+        ye.sum().backward()
+        yc = torch.compile(comp, fullgraph=True)(x)
+        yc.sum().backward()
+    torch.testing.assert_close(yc, ye, atol=FP32_ATOL, rtol=FP32_RTOL)
+    for (name, pc), pe in zip(comp.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(pc.grad, pe.grad, atol=FP32_ATOL, rtol=FP32_RTOL, msg=name)
+    torch.testing.assert_close(comp[1].running_mean, eager[1].running_mean)
+
+
+def test_bad_backend(monkeypatch):
+    model = _mlp()
+    with pytest.raises(ValueError, match=r"convert: backend must be None or one of .* 'cuda'"):
+        hpml_ops.convert(model, backend="cuda")
+    with pytest.raises(ValueError, match="convert: backend"):
+        hpml_ops.convert(model, backend=1)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        hpml_ops.convert(model.state_dict())
+    with pytest.raises(ValueError, match="FusedLinear: backend must be None"):
+        hpml_ops.nn.FusedLinear(3, 4, backend="fast")
+    with pytest.raises(ValueError, match="BatchNorm2d: backend must be None"):
+        hpml_ops.nn.BatchNorm2d(3, backend="fast")
+    with pytest.raises(ValueError, match="BCEWithLogitsLoss: backend must be None"):
+        hpml_ops.nn.BCEWithLogitsLoss(backend="fast")
+
+    def nothing_runs(name, device_type, op=None):
+        return None if name == "reference" else f"{name} switched off for this test"
+
+    monkeypatch.setattr(hpml_ops._backend, "unavailable_reason", nothing_runs)
+    with pytest.raises(hpml_ops.BackendUnavailableError, match="switched off for this test"):
+        hpml_ops.convert(model, backend="cpp")
+    assert type(model[0]) is nn.Linear, "a failed convert must leave the model untouched"
