@@ -322,9 +322,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     const at::Tensor& grad, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const at::Tensor& output, const at::Tensor& mean_t, const at::Tensor& invstd_t, bool training,
     int64_t activation, bool input_grad, bool weight_grad, bool bias_grad) {
-  check_backward("hpml::batch_norm_backward", grad, input, weight, output, activation);
-  check_channel_vector(mean_t, input, "mean");
-  check_channel_vector(invstd_t, input, "invstd");
+  check_backward("hpml::batch_norm_backward", grad, input, weight, output, activation, mean_t,
+                 invstd_t);
   const BnLayout l = bn_layout(input);
   const int64_t C = l.channels, n = l.count();
   // grad and output in the input's layout, so that one offset addresses all three.
@@ -392,8 +391,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(const at::Tens
                                                                  const at::Tensor& output,
                                                                  const at::Tensor& mean_t,
                                                                  int64_t activation) {
-  check_backward("hpml::batch_norm_backward_reduce", grad, input, std::nullopt, output, activation);
-  check_channel_vector(mean_t, input, "mean");
+  check_backward("hpml::batch_norm_backward_reduce", grad, input, std::nullopt, output, activation,
+                 mean_t, std::nullopt);
   const BnLayout l = bn_layout(input);
   const bool relu = activation == 1;
   const at::Tensor g = same_layout(grad, l);
@@ -417,12 +416,8 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad, const at::Tenso
                                          const at::Tensor& invstd_t, const at::Tensor& sum_dz_t,
                                          const at::Tensor& sum_dz_xmu_t, int64_t count,
                                          int64_t activation) {
-  check_backward("hpml::batch_norm_backward_elemt", grad, input, weight, output, activation);
-  check_channel_vector(mean_t, input, "mean");
-  check_channel_vector(invstd_t, input, "invstd");
-  check_channel_vector(sum_dz_t, input, "sum_dz");
-  check_channel_vector(sum_dz_xmu_t, input, "sum_dz_xmu");
-  TORCH_CHECK(count > 0, "hpml::batch_norm_backward_elemt: count must be positive, got ", count);
+  check_backward_elemt(grad, input, weight, output, activation, mean_t, invstd_t, sum_dz_t,
+                       sum_dz_xmu_t, count);
   const BnLayout l = bn_layout(input);
   const int64_t C = l.channels;
   const bool relu = activation == 1;

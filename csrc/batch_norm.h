@@ -90,12 +90,15 @@ inline void check_batch_norm(const at::Tensor& input, const std::optional<at::Te
 }
 
 // The checks shared by the backward ops: grad (and the output, read for the ReLU mask) of the
-// input's shape.
+// input's shape, the per-channel vectors of C values.
 inline void check_backward(const char* op, const at::Tensor& grad, const at::Tensor& input,
-                    const std::optional<at::Tensor>& weight, const at::Tensor& output,
-                    int64_t activation) {
+                           const std::optional<at::Tensor>& weight, const at::Tensor& output,
+                           int64_t activation, const at::Tensor& mean,
+                           const std::optional<at::Tensor>& invstd) {
   check_bn_input(input, activation);
   check_channel_vector(weight, input, "weight");
+  check_channel_vector(mean, input, "mean");
+  check_channel_vector(invstd, input, "invstd");
   TORCH_CHECK(grad.sizes() == input.sizes(), op, ": grad of shape ", grad.sizes(),
               " does not match the input's ", input.sizes());
   TORCH_CHECK(grad.scalar_type() == input.scalar_type(), op, ": grad has dtype ",
@@ -107,6 +110,19 @@ inline void check_backward(const char* op, const at::Tensor& grad, const at::Ten
                 output.sizes(), " ", output.scalar_type());
     check_same_device(input, output, "output");
   }
+}
+
+// hpml::batch_norm_backward_elemt's: check_backward's, the group's sums, a positive count.
+inline void check_backward_elemt(const at::Tensor& grad, const at::Tensor& input,
+                                 const std::optional<at::Tensor>& weight, const at::Tensor& output,
+                                 int64_t activation, const at::Tensor& mean,
+                                 const at::Tensor& invstd, const at::Tensor& sum_dz,
+                                 const at::Tensor& sum_dz_xmu, int64_t count) {
+  check_backward("hpml::batch_norm_backward_elemt", grad, input, weight, output, activation, mean,
+                 invstd);
+  check_channel_vector(sum_dz, input, "sum_dz");
+  check_channel_vector(sum_dz_xmu, input, "sum_dz_xmu");
+  TORCH_CHECK(count > 0, "hpml::batch_norm_backward_elemt: count must be positive, got ", count);
 }
 
 // ---- per-channel and per-element arithmetic (C10_HOST_DEVICE) ------------------------------------

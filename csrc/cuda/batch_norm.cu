@@ -912,9 +912,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
     const at::Tensor& grad, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const at::Tensor& output, const at::Tensor& mean_t, const at::Tensor& invstd_t, bool training,
     int64_t activation, bool input_grad, bool weight_grad, bool bias_grad) {
-  check_backward("hpml::batch_norm_backward", grad, input, weight, output, activation);
-  check_channel_vector(mean_t, input, "mean");
-  check_channel_vector(invstd_t, input, "invstd");
+  check_backward("hpml::batch_norm_backward", grad, input, weight, output, activation, mean_t,
+                 invstd_t);
   const c10::cuda::CUDAGuard guard(input.device());
   const BnLayout l = bn_layout(input);
   const Walk w = make_walk(l);
@@ -1027,8 +1026,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Ten
                                                                   const at::Tensor& output,
                                                                   const at::Tensor& mean_t,
                                                                   int64_t activation) {
-  check_backward("hpml::batch_norm_backward_reduce", grad, input, std::nullopt, output, activation);
-  check_channel_vector(mean_t, input, "mean");
+  check_backward("hpml::batch_norm_backward_reduce", grad, input, std::nullopt, output, activation,
+                 mean_t, std::nullopt);
   const c10::cuda::CUDAGuard guard(input.device());
   const BnLayout l = bn_layout(input);
   const Walk w = make_walk(l);
@@ -1079,12 +1078,8 @@ at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad, const at::Tens
                                           const at::Tensor& invstd_t, const at::Tensor& sum_dz_t,
                                           const at::Tensor& sum_dz_xmu_t, int64_t count,
                                           int64_t activation) {
-  check_backward("hpml::batch_norm_backward_elemt", grad, input, weight, output, activation);
-  check_channel_vector(mean_t, input, "mean");
-  check_channel_vector(invstd_t, input, "invstd");
-  check_channel_vector(sum_dz_t, input, "sum_dz");
-  check_channel_vector(sum_dz_xmu_t, input, "sum_dz_xmu");
-  TORCH_CHECK(count > 0, "hpml::batch_norm_backward_elemt: count must be positive, got ", count);
+  check_backward_elemt(grad, input, weight, output, activation, mean_t, invstd_t, sum_dz_t,
+                       sum_dz_xmu_t, count);
   const c10::cuda::CUDAGuard guard(input.device());
   const BnLayout l = bn_layout(input);
   const Walk w = make_walk(l);
