@@ -158,8 +158,10 @@ _OPS = {
 if _backend.HAS_EXTENSION:
     _OPS["cpp"] = (torch.ops.hpml.batch_norm.default, torch.ops.hpml.batch_norm_backward.default)
 
-for _fwd, _bwd in _OPS.values():
-    register_op_pair(
+# Per backend, the forward as the public function calls it (see _registry._eager_caller).
+_CALL = {}
+for _name, (_fwd, _bwd) in _OPS.items():
+    _CALL[_name] = register_op_pair(
         _fwd,
         _bwd,
         fake_fwd=_fake_fwd,
@@ -280,7 +282,7 @@ def batch_norm(
         return reference.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, activation
         )
-    out, mean, _, var = _OPS[backend][0](
+    out, mean, _, var = _CALL[backend](
         input,
         weight,
         bias,

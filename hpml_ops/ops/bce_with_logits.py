@@ -109,8 +109,10 @@ if _backend.HAS_EXTENSION:
         torch.ops.hpml.bce_with_logits_backward.default,
     )
 
-for _fwd, _bwd in _OPS.values():
-    register_op_pair(
+# Per backend, the forward as the public function calls it (see _registry._eager_caller).
+_CALL = {}
+for _name, (_fwd, _bwd) in _OPS.items():
+    _CALL[_name] = register_op_pair(
         _fwd,
         _bwd,
         fake_fwd=_fake_fwd,
@@ -188,5 +190,5 @@ def binary_cross_entropy_with_logits(
     )
     out_dtype = target.dtype
     input, target, weight, pos_weight = promote(input, target, weight, pos_weight)
-    out = _OPS[backend][0](input, target, weight, pos_weight, REDUCTIONS[reduction])
+    out = _CALL[backend](input, target, weight, pos_weight, REDUCTIONS[reduction])
     return out if out.dtype == out_dtype else out.to(out_dtype)

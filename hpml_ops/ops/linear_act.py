@@ -162,8 +162,10 @@ _OPS = {
 if _backend.HAS_EXTENSION:
     _OPS["cpp"] = (torch.ops.hpml.linear_act.default, torch.ops.hpml.linear_act_backward.default)
 
-for _fwd, _bwd in _OPS.values():
-    register_op_pair(
+# Per backend, the forward as the public function calls it (see _registry._eager_caller).
+_CALL = {}
+for _name, (_fwd, _bwd) in _OPS.items():
+    _CALL[_name] = register_op_pair(
         _fwd,
         _bwd,
         fake_fwd=_fake_fwd,
@@ -254,12 +256,10 @@ def linear_act(
     if bias is not None and bias.shape != (n,):
         bias = bias.expand(n)  # a 0-d or one-element bias, which F.linear broadcasts
     if input.dim() == 2:  # no views: each adds ~5 us and a ViewBackward node per call
-        out, _ = _OPS[backend][0](
-            input, weight, bias, ACTIVATIONS[activation], float(negative_slope)
-        )
+        out, _ = _CALL[backend](input, weight, bias, ACTIVATIONS[activation], float(negative_slope))
         return out
     x2 = input.reshape(-1, k)
-    out, _ = _OPS[backend][0](x2, weight, bias, ACTIVATIONS[activation], float(negative_slope))
+    out, _ = _CALL[backend](x2, weight, bias, ACTIVATIONS[activation], float(negative_slope))
     return out.reshape(*input.shape[:-1], n)
 
 
