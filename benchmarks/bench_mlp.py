@@ -7,7 +7,9 @@ Models (each provider starts from the same weights, trains on the same fixed bat
   at it the model is small enough that per-op overheads, not FLOPs, decide the step; ``--batch``
   changes it), 10 logits trained as 10 sigmoid outputs with ``BCEWithLogitsLoss``;
 - ``wide``: 1024-1024-1024-1, each hidden Linear followed by BatchNorm1d and ReLU, batch 4096,
-  one logit with ``BCEWithLogitsLoss``.
+  one logit with ``BCEWithLogitsLoss``;
+- ``small``: ``make train``'s model, 30-64-32-1 with BatchNorm1d + ReLU, batch 32: nothing but
+  per-call costs.
 
 Optimizer: ``torch.optim.SGD(lr=0.01, momentum=0.9)`` with torch's default implementation (the
 per-tensor loop on CPU, foreach on CUDA), the same for every provider. Providers:
@@ -29,7 +31,8 @@ less (two OpenMP threads on two shared cores stall whenever one of them is desch
 FLOPs per step: 6 x batch x (sum of in x out over the Linears) (forward 2, backward 4). fp32 on
 every device unless ``--dtype`` says otherwise.
 
-    python benchmarks/bench_mlp.py [--device cpu|cuda] [--models net,wide] [--batch N] [--profile]
+    python benchmarks/bench_mlp.py [--device cpu|cuda] [--models net,wide,small] [--batch N]
+        [--threads N] [--profile]
 """
 
 from __future__ import annotations
@@ -62,10 +65,19 @@ def wide() -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(1024, 1))
 
 
+def small() -> nn.Sequential:
+    """``make train``'s model: 30-64-32-1, Linear -> BatchNorm1d -> ReLU for each hidden layer."""
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in ((30, 64), (64, 32)):
+        layers += [nn.Linear(fan_in, fan_out), nn.BatchNorm1d(fan_out), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(32, 1))
+
+
 MODELS = {
     # name: (builder, in_features, out_features, batch)
     "net": (net, 256, 10, 256),
     "wide": (wide, 1024, 1, 4096),
+    "small": (small, 30, 1, 32),
 }
 
 
@@ -168,7 +180,7 @@ def profile(trainers: dict[str, Trainer], steps: int, rows: int = 30) -> str:
 def main(argv=None) -> int:
     p = base_parser(__doc__.splitlines()[0])
     p.set_defaults(min_time=2.0)
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: net, wide")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: net, wide, small")
     p.add_argument("--batch", type=int, default=None, help="override every model's batch size")
     p.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)"

@@ -28,6 +28,10 @@ namespace {
 
 // Rows per unit of parallel work and per partial bias-gradient sum (fixed).
 constexpr int64_t kRowChunk = 16;
+// Fewer elements than this run on the calling thread, as ATen's elementwise ops do
+// (at::internal::GRAIN_SIZE): a parallel region costs a few us, and on two shared cores far more
+// whenever the other thread is descheduled; a small layer's epilogue (256 x 120) takes ~5 us.
+constexpr int64_t kSerialElems = 32768;
 
 // oneDNN's inner product (mkldnn::_linear_pointwise, the op Inductor's CPU fusion calls) for the
 // fp32 forward when this torch has it: on the 2-core AMD EPYC CI machine it ran x W^T for 4096x1024x1024 in
@@ -131,7 +135,8 @@ std::tuple<at::Tensor, at::Tensor> linear_act_cpu(const at::Tensor& input, const
         uint8_t* mp = act_uses_mask(act) ? mask.mutable_data_ptr<uint8_t>() : nullptr;
         const auto slope = static_cast<opmath_t<scalar_t>>(negative_slope);
         dispatch_act(act, [&](auto a) {
-          at::parallel_for(0, M, kRowChunk, [&](int64_t r0, int64_t r1) {
+          const int64_t grain = std::max<int64_t>(kRowChunk, kSerialElems / N);  // N > 0 here
+          at::parallel_for(0, M, grain, [&](int64_t r0, int64_t r1) {
             epilogue_rows<scalar_t, decltype(a)::value>(o, bp, mp, r0, r1, N, slope);
           });
         });
@@ -199,7 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
           scalar_t* dzp = need_dz ? dz.mutable_data_ptr<scalar_t>() : nullptr;
           const auto slope = static_cast<acc_t>(negative_slope);
           dispatch_act(act, [&](auto a) {
-            at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+            const int64_t grain = std::max<int64_t>(1, kSerialElems / (kRowChunk * N));
+            at::parallel_for(0, nchunks, grain, [&](int64_t c0, int64_t c1) {
               for (int64_t c = c0; c < c1; ++c) {
                 dz_rows<scalar_t, decltype(a)::value>(
                     gp, yp, mp, dzp, bias_grad ? parts.data() + c * N : nullptr, c * kRowChunk,

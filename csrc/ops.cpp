@@ -1,6 +1,7 @@
 // Every schema of the hpml namespace, defined once. Kernels register per dispatch key in the file
-// that implements them (csrc/<op>.cpp for CPU, csrc/cuda/<op>.cu for CUDA); fake kernels and
-// autograd formulas are registered from Python (hpml_ops/ops/<op>.py).
+// that implements them (csrc/<op>.cpp for CPU, csrc/cuda/<op>.cu for CUDA), the forward ops'
+// autograd formulas in csrc/autograd.cpp; fake kernels and autocast policies are registered from
+// Python (hpml_ops/ops/<op>.py).
 #include <Python.h>
 #include <torch/library.h>
 

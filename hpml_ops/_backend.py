@@ -118,6 +118,9 @@ def get_backend() -> str:
     return _choice[0]
 
 
+_usable: set[str] = set()  # names use_backend found usable
+
+
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Run the ops in this block with backend ``name`` ("auto", "triton", "cpp", "reference").
@@ -125,15 +128,20 @@ def use_backend(name: str) -> Iterator[None]:
     Raises ``BackendUnavailableError`` at once if the backend cannot run on any device here;
     device-specific limits (Triton on CPU tensors needs the interpreter) are checked per call.
     """
-    if name not in CHOICES:
-        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(CHOICES)}")
-    if name != "auto":
-        reasons = {dt: unavailable_reason(name, dt) for dt in ("cpu", "cuda")}
-        if all(reasons.values()):
-            raise BackendUnavailableError(
-                f"backend {name!r} is not available: "
-                + "; ".join(f"{dt} tensors: {r}" for dt, r in reasons.items())
-            )
+    if name not in _usable:
+        if name not in CHOICES:
+            raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(CHOICES)}")
+        if name != "auto":
+            reasons = {dt: unavailable_reason(name, dt) for dt in ("cpu", "cuda")}
+            if all(reasons.values()):
+                raise BackendUnavailableError(
+                    f"backend {name!r} is not available: "
+                    + "; ".join(f"{dt} tensors: {r}" for dt, r in reasons.items())
+                )
+        # What decides this (the extension, triton, a CUDA device, the interpreter flag read at
+        # import) does not change in a process: a module with a ``backend`` enters this block on
+        # every call, and the checks cost more than a small layer's kernel.
+        _usable.add(name)
     prev = _choice[0]
     _choice[0] = name
     try:
@@ -158,7 +166,8 @@ def _resolve(choice: str, device_type: str, op: str | None) -> str:
     return choice
 
 
-def resolve(device: torch.device, op: str | None = None) -> str:
-    """The backend that runs ``op`` on tensors of ``device`` under the current choice. Under
-    torch.compile the answer is fixed when the graph is traced."""
-    return _resolve(_choice[0], device.type, op)
+def resolve(device: torch.device, op: str | None = None, choice: str | None = None) -> str:
+    """The backend that runs ``op`` on tensors of ``device`` under ``choice`` (a module's
+    ``backend``; None: the current process-wide choice). Under torch.compile the answer is fixed
+    when the graph is traced."""
+    return _resolve(choice or _choice[0], device.type, op)

@@ -73,6 +73,23 @@ def test_parity(backend, dtype, shape, activation, bias):
     assert out.shape == (*shape[0][:-1], shape[1])
 
 
+@pytest.mark.parametrize("bias_shape", [(), (1,)], ids=["0d", "1elem"])
+@pytest.mark.parametrize("backend", backend_params())
+def test_broadcast_bias(backend, bias_shape):
+    """A 0-d or one-element bias, which F.linear broadcasts over out_features: the C++ op
+    rejects it, so the public function's fast path hands it to the full path, which expands it;
+    its gradient is the sum over every output element."""
+    x, w, _ = _make((13, 7), 5, torch.float32, seed=3)
+    b = torch.randn(bias_shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    check_against_oracle(
+        _ours(backend, "relu"),
+        _torch("relu"),
+        (x, w, b),
+        (True, True, True),
+        names=("input", "weight", "bias"),
+    )
+
+
 def test_large_product_through_onednn():
     """From 2^30 multiply-adds the C++ CPU forward runs x W^T through oneDNN's inner product
     (when torch has it; smaller products stay on at::mm, tested above). The output against

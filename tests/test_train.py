@@ -401,6 +401,9 @@ def test_cli_compare_reference(tmp_path, capsys):
     assert set(metrics["runs"]) == {"fused (cpp)", "PyTorch"}
     s = metrics["summary"]
     assert s["max_step_loss_diff"] < 1e-5
+    timing = s["interleaved"]  # the speed line: both trained models' steps timed alternately
+    assert timing["rounds"] == 300 and timing["fused_ms"] > 0 and timing["pytorch_ms"] > 0
+    assert s["speedup"] == timing["speedup"] > 0
     assert len(metrics["runs"]["PyTorch"]["history"]["step"]["loss"]) == 2 * math.ceil(240 / 32)
     png = (out / "train.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

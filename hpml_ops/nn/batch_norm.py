@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backend import use_backend
-from ..ops.batch_norm import ACTIVATIONS, batch_norm
+from ..ops.batch_norm import ACTIVATIONS, _batch_norm
 from ._common import check_backend
 
 
@@ -42,7 +41,7 @@ class _FusedBatchNormMixin:
                 exponential_average_factor = self.momentum
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
-        args = (
+        return _batch_norm(
             input,
             self.running_mean if use_running else None,
             self.running_var if use_running else None,
@@ -52,11 +51,8 @@ class _FusedBatchNormMixin:
             exponential_average_factor,
             self.eps,
             self.activation,
+            self.backend,
         )
-        if self.backend is None:
-            return batch_norm(*args)
-        with use_backend(self.backend):
-            return batch_norm(*args)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

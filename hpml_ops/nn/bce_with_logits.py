@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backend import use_backend
-from ..ops.bce_with_logits import binary_cross_entropy_with_logits
+from ..ops.bce_with_logits import _bce_with_logits
 from ._common import check_backend
 
 
@@ -29,14 +28,9 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
         self.backend = check_backend(backend, "BCEWithLogitsLoss")
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        if self.backend is None:
-            return binary_cross_entropy_with_logits(
-                input, target, self.weight, reduction=self.reduction, pos_weight=self.pos_weight
-            )
-        with use_backend(self.backend):
-            return binary_cross_entropy_with_logits(
-                input, target, self.weight, reduction=self.reduction, pos_weight=self.pos_weight
-            )
+        return _bce_with_logits(
+            input, target, self.weight, self.reduction, self.pos_weight, self.backend
+        )
 
     def extra_repr(self) -> str:
         return f"backend={self.backend}" if self.backend is not None else ""

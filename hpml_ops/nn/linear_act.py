@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._backend import use_backend
-from ..ops.linear_act import ACTIVATIONS, linear_act
+from ..ops.linear_act import ACTIVATIONS, _linear_act
 from ._common import check_backend
 
 
@@ -47,10 +46,9 @@ class FusedLinear(torch.nn.Linear):
         self.backend = check_backend(backend, "FusedLinear")
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.backend is None:
-            return linear_act(input, self.weight, self.bias, self.activation, self.negative_slope)
-        with use_backend(self.backend):
-            return linear_act(input, self.weight, self.bias, self.activation, self.negative_slope)
+        return _linear_act(
+            input, self.weight, self.bias, self.activation, self.negative_slope, self.backend
+        )
 
     def extra_repr(self) -> str:
         s = f"{super().extra_repr()}, activation={self.activation}"

@@ -9,6 +9,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .. import _backend
+
 # Only these matter for the registrations below: others (mps, xpu) never reach our ops.
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
@@ -22,19 +24,30 @@ def register_op_pair(
     setup_context: Callable,
     backward: Callable,
     autocast_dtype: torch.dtype | None,
+    cpp_autograd: bool = False,
 ) -> Callable:
     """Register the fake kernels of a forward/backward op pair, the forward's autograd formula
     (``backward(ctx, grad, bwd_op=bwd)``) and, if ``autocast_dtype`` is given, the forward's
     autocast policy (floating inputs cast to that dtype, as torch does for its own ops). Returns
-    the eager caller of the forward (``_eager_caller``) that the public functions use."""
+    the forward as the public functions call it.
+
+    ``cpp_autograd``: the op is a C++ op whose autograd formula is registered in C++
+    (csrc/autograd.cpp, the same formula as ``setup_context`` / ``backward`` here): nothing is
+    registered for autograd and the op itself is returned (an extension built before that file
+    existed gets the Python formula instead). The Triton ops get the Python formula and
+    ``_eager_caller``."""
     torch.library.register_fake(fwd)(fake_fwd)
     torch.library.register_fake(bwd)(fake_bwd)
-    torch.library.register_autograd(
-        fwd, functools.partial(backward, bwd_op=bwd), setup_context=setup_context
-    )
     if autocast_dtype is not None and hasattr(torch.library, "register_autocast"):
         for dev in _AUTOCAST_DEVICES:
             torch.library.register_autocast(fwd, dev, autocast_dtype)
+    if cpp_autograd and torch._C._dispatch_has_kernel_for_dispatch_key(
+        fwd._schema.name, "Autograd"
+    ):
+        return fwd
+    torch.library.register_autograd(
+        fwd, functools.partial(backward, bwd_op=bwd), setup_context=setup_context
+    )
     return _eager_caller(fwd, bwd, setup_context, backward)
 
 
@@ -70,6 +83,16 @@ def _eager_caller(fwd, bwd, setup_context: Callable, backward: Callable) -> Call
         return _Fn.apply(*args)
 
     return call
+
+
+def resolves_to_cpp(device: torch.device, op: str, choice: str | None) -> bool:
+    """Whether ``op`` on ``device`` runs on the cpp backend under ``choice`` (an unusable choice
+    answers False: the public function's full path raises that error, after its argument
+    checks)."""
+    try:
+        return _backend.resolve(device, op, choice) == "cpp"
+    except _backend.BackendUnavailableError:
+        return False
 
 
 def autocast_to(dtype: torch.dtype, device_type: str, *tensors: Tensor | None):

@@ -1,5 +1,6 @@
 """Batch normalization (+ fused ReLU): the public function, the custom ops of each backend, their
-fake kernels, autograd formula and autocast policy.
+fake kernels, autograd formula (for the Triton ops; the C++ ops carry the same formula in C++,
+csrc/autograd.cpp) and autocast policy.
 
 Ops: ``hpml::batch_norm[_backward]`` (C++: CPU kernels; schema in csrc/ops.cpp) and
 ``hpml::batch_norm[_backward]_triton`` (kernels/batch_norm.py). The forward op is functional (an
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, reference
-from ._registry import check_device, check_floating, register_op_pair
+from ._registry import check_device, check_floating, register_op_pair, resolves_to_cpp
 
 _OP = "batch_norm"
 ACTIVATIONS = {None: 0, "none": 0, "relu": 1}
@@ -170,6 +171,7 @@ for _name, (_fwd, _bwd) in _OPS.items():
         backward=_backward,
         # As torch's batch_norm under autocast: the input as it comes, statistics in fp32.
         autocast_dtype=None,
+        cpp_autograd=_name == "cpp",
     )
 
 
@@ -276,25 +278,64 @@ def batch_norm(
         The input's shape, dtype and memory format. Statistics are computed in fp32 (fp64 for
         fp64), from shifted sums that stay exact for data with a large offset.
     """
-    _check_args(input, running_mean, running_var, weight, bias, training, activation)
-    backend = _backend.resolve(input.device, _OP)
-    if backend == "reference":
-        return reference.batch_norm(
-            input, running_mean, running_var, weight, bias, training, momentum, eps, activation
-        )
-    out, mean, _, var = _CALL[backend](
-        input,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        bool(training),
-        float(eps),
-        ACTIVATIONS[activation],
+    return _batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, activation, None
     )
+
+
+def _batch_norm(
+    input, running_mean, running_var, weight, bias, training, momentum, eps, activation, backend
+) -> Tensor:
+    """``batch_norm`` on ``backend`` (None: the process-wide choice); what the modules call."""
+    done = False
+    if _cpp_fast_path(input, running_mean, running_var, weight, bias, backend):
+        code = ACTIVATIONS.get(activation) if isinstance(activation, str | None) else None
+        if code is not None:
+            try:
+                out, mean, _, var = _CALL["cpp"](
+                    input, weight, bias, running_mean, running_var, bool(training), float(eps), code
+                )
+                done = True
+            except Exception:  # noqa: BLE001  (diagnosed by the checks below, else re-raised)
+                pass
+    if not done:
+        _check_args(input, running_mean, running_var, weight, bias, training, activation)
+        backend = _backend.resolve(input.device, _OP, backend)
+        if backend == "reference":
+            return reference.batch_norm(
+                input, running_mean, running_var, weight, bias, training, momentum, eps, activation
+            )
+        out, mean, _, var = _CALL[backend](
+            input,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            bool(training),
+            float(eps),
+            ACTIVATIONS[activation],
+        )
     if training and running_mean is not None and running_var is not None and input.numel() > 0:
-        # As torch: running = (1 - momentum) running + momentum batch, the variance unbiased.
+        # running = (1 - momentum) running + momentum batch (the variance unbiased), as torch,
+        # written running + momentum (batch - running): one op per statistic instead of two
+        # (the same value to an ulp; the small layers of a training step are all call overhead).
         with torch.no_grad():
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_(var.to(running_var.dtype), momentum)
     return out
+
+
+def _cpp_fast_path(input, running_mean, running_var, weight, bias, backend) -> bool:
+    """Whether to call the C++ op at once, before the Python checks (as linear_act's): the
+    cpp backend, eager mode, every operand a tensor on the input's device or None. The C++ op
+    checks the rest; when it raises, ``_check_args`` runs and raises the message naming the
+    argument (and torch's ValueError for one value per channel), else the error is re-raised."""
+    if not isinstance(input, Tensor):
+        return False
+    dev = input.device
+    for t in (running_mean, running_var, weight, bias):
+        if t is not None and not (isinstance(t, Tensor) and t.device == dev):
+            return False
+    return (
+        "cpp" in _CALL and not torch.compiler.is_compiling() and resolves_to_cpp(dev, _OP, backend)
+    )

@@ -1,5 +1,6 @@
 """Sigmoid binary cross-entropy with logits: the public function, its custom ops, their fake
-kernels, autograd formula and autocast policy.
+kernels, autograd formula (for the Triton ops; the C++ ops carry the same formula in C++,
+csrc/autograd.cpp) and autocast policy.
 
 Two op pairs implement it: ``hpml::bce_with_logits[_backward]`` (C++: CPU kernels, CUDA kernels;
 schema in csrc/ops.cpp) and ``hpml::bce_with_logits[_backward]_triton`` (Triton, kernels/).
@@ -20,6 +21,7 @@ from ._registry import (
     check_floating,
     promote,
     register_op_pair,
+    resolves_to_cpp,
 )
 
 _OP = "binary_cross_entropy_with_logits"
@@ -120,6 +122,7 @@ for _name, (_fwd, _bwd) in _OPS.items():
         setup_context=_setup_context,
         backward=_backward,
         autocast_dtype=torch.float32,  # as torch: binary_cross_entropy_with_logits runs in fp32
+        cpp_autograd=_name == "cpp",
     )
 
 
@@ -181,8 +184,25 @@ def binary_cross_entropy_with_logits(
         inputs) whatever the storage dtype; under autocast in fp32, as torch does. Gradients flow
         to ``input`` and ``target``.
     """
+    return _bce_with_logits(input, target, weight, reduction, pos_weight, None)
+
+
+def _bce_with_logits(input, target, weight, reduction, pos_weight, backend: str | None) -> Tensor:
+    """``binary_cross_entropy_with_logits`` on ``backend`` (None: the process-wide choice); what
+    BCEWithLogitsLoss calls."""
+    if (
+        weight is None
+        and pos_weight is None
+        and isinstance(reduction, str)
+        and reduction in REDUCTIONS
+        and _cpp_fast_path(input, target, backend)
+    ):
+        try:
+            return _CALL["cpp"](input, target, None, None, REDUCTIONS[reduction])
+        except Exception:  # noqa: BLE001  (diagnosed by the checks below, else re-raised)
+            pass
     _check_args(input, target, weight, reduction, pos_weight)
-    backend = _backend.resolve(input.device, "bce_with_logits")
+    backend = _backend.resolve(input.device, "bce_with_logits", backend)
     if backend == "reference":
         return reference.bce_with_logits(input, target, weight, reduction, pos_weight)
     input, target, weight, pos_weight = autocast_to(
@@ -192,3 +212,22 @@ def binary_cross_entropy_with_logits(
     input, target, weight, pos_weight = promote(input, target, weight, pos_weight)
     out = _CALL[backend](input, target, weight, pos_weight, REDUCTIONS[reduction])
     return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+def _cpp_fast_path(input, target, backend) -> bool:
+    """Whether to call the C++ op at once, before the Python checks (as linear_act's): the cpp
+    backend, eager mode, no autocast (whose casts the full path makes), input and target tensors
+    of one dtype on one device. The C++ op checks the rest; when it raises, ``_check_args`` runs
+    and raises the message naming the argument (torch's ValueError for a shape mismatch), else
+    the error is re-raised."""
+    if not (isinstance(input, Tensor) and isinstance(target, Tensor)):
+        return False
+    dev = input.device
+    return (
+        target.device == dev
+        and target.dtype == input.dtype
+        and "cpp" in _CALL
+        and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(dev.type)
+        and resolves_to_cpp(dev, "bce_with_logits", backend)
+    )

@@ -1,5 +1,6 @@
 """Fused linear + activation, ``act(input @ weight.T + bias)``: the public functions, the custom
-ops of each backend, their fake kernels, autograd formula and autocast policy.
+ops of each backend, their fake kernels, autograd formula (for the Triton ops; the C++ ops carry
+the same formula in C++, csrc/autograd.cpp) and autocast policy.
 
 Ops: ``hpml::linear_act[_backward]`` (C++: BLAS + fused epilogue on CPU, CUDA kernels; schema in
 csrc/ops.cpp) and ``hpml::linear_act[_backward]_triton`` (kernels/linear_act.py). The forward
@@ -16,6 +17,7 @@ from ._registry import (
     check_floating,
     register_autocast_lower_precision,
     register_op_pair,
+    resolves_to_cpp,
 )
 
 _OP = "linear_act"
@@ -173,6 +175,7 @@ for _name, (_fwd, _bwd) in _OPS.items():
         setup_context=_setup_context,
         backward=_backward,
         autocast_dtype=None,
+        cpp_autograd=_name == "cpp",
     )
     # As torch's linear: under autocast the product runs in the autocast dtype.
     register_autocast_lower_precision(_fwd)
@@ -248,8 +251,20 @@ def linear_act(
         bias, each computed only when required. For ReLU and leaky ReLU the backward keeps 1 bit
         per output element instead of the pre-activation.
     """
+    return _linear_act(input, weight, bias, activation, negative_slope, None)
+
+
+def _linear_act(input, weight, bias, activation, negative_slope, backend: str | None) -> Tensor:
+    """``linear_act`` on ``backend`` (None: the process-wide choice); what FusedLinear calls."""
+    if _cpp_fast_path(input, weight, bias, backend):
+        code = ACTIVATIONS.get(activation) if isinstance(activation, str) else None
+        if code is not None and isinstance(negative_slope, int | float):
+            try:
+                return _CALL["cpp"](input, weight, bias, code, float(negative_slope))[0]
+            except Exception:  # noqa: BLE001  (diagnosed by the checks below, else re-raised)
+                pass
     _check_args(input, weight, bias, activation, negative_slope)
-    backend = _backend.resolve(input.device, "linear_act")
+    backend = _backend.resolve(input.device, "linear_act", backend)
     if backend == "reference":
         return reference.linear_act(input, weight, bias, activation, negative_slope)
     n, k = weight.shape
@@ -261,6 +276,25 @@ def linear_act(
     x2 = input.reshape(-1, k)
     out, _ = _CALL[backend](x2, weight, bias, ACTIVATIONS[activation], float(negative_slope))
     return out.reshape(*input.shape[:-1], n)
+
+
+def _cpp_fast_path(input, weight, bias, backend: str | None) -> bool:
+    """Whether to call the C++ op at once, before the Python checks: a 2-D input, the cpp
+    backend, eager mode, every operand on the input's device (the dispatcher would otherwise
+    pick one device's kernel: the meta one returns without complaint). The C++ op checks the
+    rest (shapes, dtypes, floating point); when it raises, ``_check_args`` runs and raises the
+    message naming the argument, or the slow path retries (a 0-d bias, broadcast there). On the
+    small layers of a training step the Python checks cost more than the layer's arithmetic."""
+    if not (isinstance(input, Tensor) and isinstance(weight, Tensor) and input.dim() == 2):
+        return False
+    dev = input.device
+    return (
+        weight.device == dev
+        and (bias is None or (isinstance(bias, Tensor) and bias.device == dev))
+        and "cpp" in _CALL
+        and not torch.compiler.is_compiling()
+        and resolves_to_cpp(dev, "linear_act", backend)
+    )
 
 
 def linear_relu(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

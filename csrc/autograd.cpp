@@ -1,0 +1,194 @@
+// Autograd formulas of the C++ ops (every device: registered to the Autograd alias key), as
+// torch::autograd::Function subclasses that call the forward op below autograd and the backward
+// op from the saved tensors. They used to be registered from Python
+// (torch.library.register_autograd), which put ~40-60 us of Python in front of every call and
+// every backward: more than the arithmetic of a small layer (the training step of the lecture's
+// 256-120-84-10 net is mostly such calls). The Triton ops keep their Python formulas
+// (hpml_ops/ops/<op>.py), which compute the same thing: both must stay in step.
+//
+// torch.compile traces through these: AOTAutograd runs the forward under autograd with fake
+// tensors, which records the forward op, and the backward through the saved node, which records
+// the backward op (tests: test_*_compile_fullgraph, opcheck's test_aot_dispatch_dynamic).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace hpml {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<at::Tensor>;
+
+// An optional argument saved as a (possibly undefined) tensor, handed back to an op.
+OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// ---- linear_act ---------------------------------------------------------------------------------
+
+using LinearActSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                        const OptTensor&, int64_t, double);
+using LinearActBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    int64_t, double, bool, bool, bool);
+
+class LinearActFn : public torch::autograd::Function<LinearActFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
+                               const at::Tensor& weight, const OptTensor& bias, int64_t activation,
+                               double negative_slope) {
+    static const auto op = op_handle<LinearActSig>("hpml::linear_act");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, mask] = op.call(input, weight, bias, activation, negative_slope);
+    // Only what the backward reads: the mask (1 bit per element) for relu / leaky relu, the
+    // output for sigmoid / tanh (codes 3, 4); never the pre-activation.
+    const bool from_output = activation == 3 || activation == 4;
+    ctx->save_for_backward({input, weight, from_output ? out : out.new_empty({0}), mask});
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["negative_slope"] = negative_slope;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->mark_non_differentiable({mask});
+    return {out, mask};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<LinearActBwdSig>("hpml::linear_act_backward");
+    const bool ig = ctx->needs_input_grad(0), wg = ctx->needs_input_grad(1);
+    const bool bg = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
+    variable_list result(5);
+    if (!(ig || wg || bg)) return result;
+    const auto saved = ctx->get_saved_variables();
+    auto [gx, gw, gb] =
+        op.call(grads[0], saved[0], saved[1], saved[2], saved[3],
+                ctx->saved_data["activation"].toInt(),
+                ctx->saved_data["negative_slope"].toDouble(), ig, wg, bg);
+    if (ig) result[0] = gx;
+    if (wg) result[1] = gw;
+    if (bg) result[2] = gb;
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> linear_act_autograd(const at::Tensor& input,
+                                                       const at::Tensor& weight,
+                                                       const OptTensor& bias, int64_t activation,
+                                                       double negative_slope) {
+  auto r = LinearActFn::apply(input, weight, bias, activation, negative_slope);
+  return {r[0], r[1]};
+}
+
+// ---- bce_with_logits ----------------------------------------------------------------------------
+
+using BceSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                          int64_t);
+using BceBwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                     const at::Tensor&, const OptTensor&,
+                                                     const OptTensor&, int64_t, bool, bool);
+
+class BceWithLogitsFn : public torch::autograd::Function<BceWithLogitsFn> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
+                            const at::Tensor& target, const OptTensor& weight,
+                            const OptTensor& pos_weight, int64_t reduction) {
+    static const auto op = op_handle<BceSig>("hpml::bce_with_logits");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor out = op.call(input, target, weight, pos_weight, reduction);
+    ctx->save_for_backward({input, target, weight.value_or(at::Tensor()),
+                            pos_weight.value_or(at::Tensor())});
+    ctx->saved_data["reduction"] = reduction;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<BceBwdSig>("hpml::bce_with_logits_backward");
+    const bool gi = ctx->needs_input_grad(0), gt = ctx->needs_input_grad(1);
+    variable_list result(5);
+    if (!(gi || gt)) return result;
+    const auto saved = ctx->get_saved_variables();
+    auto [grad_input, grad_target] =
+        op.call(grads[0], saved[0], saved[1], opt(saved[2]), opt(saved[3]),
+                ctx->saved_data["reduction"].toInt(), gi, gt);
+    if (gi) result[0] = grad_input;
+    if (gt) result[1] = grad_target;
+    return result;
+  }
+};
+
+at::Tensor bce_with_logits_autograd(const at::Tensor& input, const at::Tensor& target,
+                                    const OptTensor& weight, const OptTensor& pos_weight,
+                                    int64_t reduction) {
+  return BceWithLogitsFn::apply(input, target, weight, pos_weight, reduction);
+}
+
+// ---- batch_norm ---------------------------------------------------------------------------------
+
+using BatchNormSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+    bool, double, int64_t);
+using BatchNormBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, bool, int64_t, bool, bool, bool);
+
+class BatchNormFn : public torch::autograd::Function<BatchNormFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
+                               const OptTensor& weight, const OptTensor& bias,
+                               const OptTensor& running_mean, const OptTensor& running_var,
+                               bool training, double eps, int64_t activation) {
+    static const auto op = op_handle<BatchNormSig>("hpml::batch_norm");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, mean, invstd, var] =
+        op.call(input, weight, bias, running_mean, running_var, training, eps, activation);
+    // The output is read only for the ReLU mask (activation 1).
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()),
+                            activation == 1 ? out : out.new_empty({0}), mean, invstd});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->mark_non_differentiable({mean, invstd, var});
+    return {out, mean, invstd, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<BatchNormBwdSig>("hpml::batch_norm_backward");
+    const auto saved = ctx->get_saved_variables();
+    const bool ig = ctx->needs_input_grad(0);
+    const bool wg = saved[1].defined() && ctx->needs_input_grad(1);
+    const bool bg = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
+    variable_list result(8);
+    if (!(ig || wg || bg)) return result;
+    auto [gx, gw, gb] = op.call(grads[0], saved[0], opt(saved[1]), saved[2], saved[3], saved[4],
+                                ctx->saved_data["training"].toBool(),
+                                ctx->saved_data["activation"].toInt(), ig, wg, bg);
+    if (ig) result[0] = gx;
+    if (wg) result[1] = gw;
+    if (bg) result[2] = gb;
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_autograd(
+    const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& running_mean, const OptTensor& running_var, bool training, double eps,
+    int64_t activation) {
+  auto r = BatchNormFn::apply(input, weight, bias, running_mean, running_var, training, eps,
+                              activation);
+  return {r[0], r[1], r[2], r[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hpml, Autograd, m) {
+  m.impl("linear_act", &linear_act_autograd);
+  m.impl("bce_with_logits", &bce_with_logits_autograd);
+  m.impl("batch_norm", &batch_norm_autograd);
+}
+
+}  // namespace hpml
