@@ -6,14 +6,21 @@
 // 256-120-84-10 net is mostly such calls). The Triton ops keep their Python formulas
 // (hpml_ops/ops/<op>.py), which compute the same thing: both must stay in step.
 //
+// The backward ops have no formula: under create_graph=True the gradients come back first-order
+// only, and a second backward through them raises naming the op (once_differentiable below).
+//
 // torch.compile traces through these: AOTAutograd runs the forward under autograd with fake
 // tensors, which records the forward op, and the backward through the saved node, which records
 // the backward op (tests: test_*_compile_fullgraph, opcheck's test_aot_dispatch_dynamic).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace hpml {
@@ -29,6 +36,26 @@ OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nu
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// What Python's @once_differentiable does, for the backward ops (which have no formula of their
+// own): the gradients are computed below autograd (the caller holds the guard), and under
+// create_graph=True they come back as first-order results whose backward is an Error node linked
+// to the backward's inputs: differentiating them again raises, naming the op, instead of an
+// error from inside the kernel or a silently missing second-order term.
+variable_list once_differentiable(variable_list grads, const variable_list& inputs,
+                                  const char* op) {
+  if (!torch::autograd::compute_requires_grad(inputs)) return grads;  // also off without grad mode
+  auto err = c10::make_intrusive<torch::autograd::Error>(
+      std::string(op) + ": its gradient cannot be differentiated (a second backward through "
+                        "create_graph=True is not supported)",
+      torch::autograd::collect_next_edges(inputs));
+  for (auto& g : grads) {
+    if (!g.defined()) continue;
+    g = g.detach();
+    torch::autograd::set_history(g, err);
+  }
+  return grads;
 }
 
 // ---- linear_act ---------------------------------------------------------------------------------
@@ -65,13 +92,17 @@ class LinearActFn : public torch::autograd::Function<LinearActFn> {
     variable_list result(5);
     if (!(ig || wg || bg)) return result;
     const auto saved = ctx->get_saved_variables();
-    auto [gx, gw, gb] =
-        op.call(grads[0], saved[0], saved[1], saved[2], saved[3],
-                ctx->saved_data["activation"].toInt(),
-                ctx->saved_data["negative_slope"].toDouble(), ig, wg, bg);
-    if (ig) result[0] = gx;
-    if (wg) result[1] = gw;
-    if (bg) result[2] = gb;
+    variable_list g;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      auto [gx, gw, gb] =
+          op.call(grads[0], saved[0], saved[1], saved[2], saved[3],
+                  ctx->saved_data["activation"].toInt(),
+                  ctx->saved_data["negative_slope"].toDouble(), ig, wg, bg);
+      g = {ig ? gx : at::Tensor(), wg ? gw : at::Tensor(), bg ? gb : at::Tensor()};
+    }
+    g = once_differentiable(std::move(g), {grads[0], saved[0], saved[1]}, "hpml::linear_act");
+    std::copy(g.begin(), g.end(), result.begin());
     return result;
   }
 };
@@ -112,11 +143,17 @@ class BceWithLogitsFn : public torch::autograd::Function<BceWithLogitsFn> {
     variable_list result(5);
     if (!(gi || gt)) return result;
     const auto saved = ctx->get_saved_variables();
-    auto [grad_input, grad_target] =
-        op.call(grads[0], saved[0], saved[1], opt(saved[2]), opt(saved[3]),
-                ctx->saved_data["reduction"].toInt(), gi, gt);
-    if (gi) result[0] = grad_input;
-    if (gt) result[1] = grad_target;
+    variable_list g;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      auto [grad_input, grad_target] =
+          op.call(grads[0], saved[0], saved[1], opt(saved[2]), opt(saved[3]),
+                  ctx->saved_data["reduction"].toInt(), gi, gt);
+      g = {gi ? grad_input : at::Tensor(), gt ? grad_target : at::Tensor()};
+    }
+    g = once_differentiable(std::move(g), {grads[0], saved[0], saved[1]},
+                            "hpml::bce_with_logits");
+    std::copy(g.begin(), g.end(), result.begin());
     return result;
   }
 };
@@ -164,12 +201,16 @@ class BatchNormFn : public torch::autograd::Function<BatchNormFn> {
     const bool bg = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
     variable_list result(8);
     if (!(ig || wg || bg)) return result;
-    auto [gx, gw, gb] = op.call(grads[0], saved[0], opt(saved[1]), saved[2], saved[3], saved[4],
-                                ctx->saved_data["training"].toBool(),
-                                ctx->saved_data["activation"].toInt(), ig, wg, bg);
-    if (ig) result[0] = gx;
-    if (wg) result[1] = gw;
-    if (bg) result[2] = gb;
+    variable_list g;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      auto [gx, gw, gb] = op.call(grads[0], saved[0], opt(saved[1]), saved[2], saved[3],
+                                  saved[4], ctx->saved_data["training"].toBool(),
+                                  ctx->saved_data["activation"].toInt(), ig, wg, bg);
+      g = {ig ? gx : at::Tensor(), wg ? gw : at::Tensor(), bg ? gb : at::Tensor()};
+    }
+    g = once_differentiable(std::move(g), {grads[0], saved[0], saved[1]}, "hpml::batch_norm");
+    std::copy(g.begin(), g.end(), result.begin());
     return result;
   }
 };

@@ -136,3 +136,22 @@ def test_no_graph_under_no_grad(backend, case):
         with torch.inference_mode():
             out = run()
         assert out.grad_fn is None and out.is_inference()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_create_graph_first_order_then_no_second(backend, case):
+    """Under ``create_graph=True`` the gradients are the usual ones (and carry a graph), and
+    differentiating them again raises naming the op, as a Python ``@once_differentiable``
+    Function does: the backward ops have no formula of their own."""
+    build, _ = CASES[case]
+    with hpml_ops.use_backend(backend):
+        leaves, run = build()
+        plain = torch.autograd.grad(run(), leaves)
+        graphed = torch.autograd.grad(run(), leaves, create_graph=True)
+        for p, g in zip(plain, graphed, strict=True):
+            torch.testing.assert_close(g.detach(), p, rtol=0, atol=0)
+        assert any(g.requires_grad for g in graphed)
+        second = sum(g.square().sum() for g in graphed)
+        with pytest.raises(RuntimeError, match="cannot be differentiated|no autograd formula"):
+            torch.autograd.grad(second, leaves, allow_unused=True)
