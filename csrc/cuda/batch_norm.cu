@@ -569,6 +569,20 @@ __device__ __forceinline__ void merge_partials(const part_t* __restrict__ pa,
   sb = tb;
 }
 
+// What every finalize launch fills the same way: the reduction's partials (none when the batch is
+// empty) and the number of values per channel they are over.
+template <typename Args, typename acc_t>
+void set_partials(Args& f, const Partials<acc_t>& p, int64_t C, int64_t n) {
+  f.pa = p.pa;
+  f.pb = p.pb;
+  f.nchunks = p.nchunks;
+  f.ncols = p.ncols;
+  f.group = p.group;
+  f.C = C;
+  f.n = n;
+  f.inv_n = bn_inv_count(n);
+}
+
 template <typename scalar_t>
 struct ForwardFinalizeArgs {
   using acc_t = at::opmath_type<scalar_t>;
@@ -873,16 +887,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_cuda(
           r.x = l.x.const_data_ptr<scalar_t>();
           p = reduce<scalar_t, false>(w, r, acc_opts, stream);
         }
-        f.pa = p.pa;
-        f.pb = p.pb;
-        f.nchunks = p.nchunks;
-        f.ncols = p.ncols;
-        f.group = p.group;
+        set_partials(f, p, C, w.count());
         f.x = l.x.const_data_ptr<scalar_t>();
         f.inner = w.inner;
-        f.C = C;
-        f.n = w.count();
-        f.inv_n = bn_inv_count(f.n);
         f.unbias = bn_unbias_factor(f.n);
         f.training = training;
         f.eps = eps;
@@ -949,15 +956,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
         }
         at::Tensor coef = at::empty({dx_pass ? C : 0, 4}, acc_opts);
         GradFinalizeArgs<acc_t> f;
-        f.pa = p.pa;
-        f.pb = p.pb;
-        f.nchunks = p.nchunks;
-        f.ncols = p.ncols;
-        f.group = p.group;
+        set_partials(f, p, C, w.count());
         f.from_partials = true;
-        f.C = C;
-        f.n = w.count();
-        f.inv_n = bn_inv_count(f.n);
         f.batch_terms = training;
         f.mean = ma.in;
         f.invstd = ia.in;
@@ -1002,16 +1002,9 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input
           p = reduce<scalar_t, false>(w, r, acc_opts, stream);
         }
         ForwardFinalizeArgs<scalar_t> f;
-        f.pa = p.pa;
-        f.pb = p.pb;
-        f.nchunks = p.nchunks;
-        f.ncols = p.ncols;
-        f.group = p.group;
+        set_partials(f, p, C, w.count());
         f.x = l.x.const_data_ptr<scalar_t>();
         f.inner = w.inner;
-        f.C = C;
-        f.n = w.count();
-        f.inv_n = bn_inv_count(f.n);
         f.training = true;
         f.mean_out = mean.mutable_data_ptr<acc_t>();
         f.bvar_out = var.mutable_data_ptr<acc_t>();
@@ -1055,15 +1048,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Ten
           p = reduce<scalar_t, true>(w, r, acc_opts, stream);
         }
         GradFinalizeArgs<acc_t> f;
-        f.pa = p.pa;
-        f.pb = p.pb;
-        f.nchunks = p.nchunks;
-        f.ncols = p.ncols;
-        f.group = p.group;
+        set_partials(f, p, C, w.count());
         f.from_partials = true;
-        f.C = C;
-        f.n = w.count();
-        f.inv_n = bn_inv_count(f.n);
         f.sdz_out = sdz.mutable_data_ptr<acc_t>();
         f.sdz_xmu_out = sdzx.mutable_data_ptr<acc_t>();
         bn_grad_finalize_kernel<acc_t><<<finalize_grid(C), finalize_block(), 0, stream>>>(f);
