@@ -7,7 +7,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-stamp
 EXT := build/.ext-stamp
-SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
+# hpml_ops/ops/schema.py: the list of ops and their schemas, from which setup.py writes the C++ one.
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') \
+  hpml_ops/ops/schema.py setup.py pyproject.toml
+# Every benchmark program (benchmarks/bench_<stem>.py, one per op and one per whole step).
+BENCHES := $(sort $(wildcard benchmarks/bench_*.py))
 
 # /usr/local/bin/nvcc may be a wrapper; the toolkit is /usr/local/cuda (setup.py finds it too).
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
@@ -48,10 +52,7 @@ train: $(EXT)
 	  --threads 1 --log-every 5 --out runs/breast_cancer
 
 bench: $(EXT)
-	$(PY) benchmarks/bench_bce_with_logits.py
-	$(PY) benchmarks/bench_linear_act.py
-	$(PY) benchmarks/bench_batch_norm.py
-	$(PY) benchmarks/bench_mlp.py
+	for b in $(BENCHES); do $(PY) $$b; done
 
 gpu-build-check: $(EXT)
 	$(PY) tools/gpu_build_check.py

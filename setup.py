@@ -77,7 +77,31 @@ def _cpu_isa() -> str:
     return "avx2" if (" avx2" in flags and " fma" in flags) else "default"
 
 
+GENERATED = os.path.join(ROOT, "build", "generated")
+
+
+def _write_generated_headers() -> None:
+    """build/generated/hpml_schemas.h from hpml_ops/ops/schema.py (the one list of ops and their
+    schemas); rewritten only when it changes, so that an unchanged list recompiles nothing."""
+    import runpy
+
+    schema = runpy.run_path(os.path.join(ROOT, "hpml_ops", "ops", "schema.py"))
+    text = schema["cpp_header"]()
+    path = os.path.join(GENERATED, "hpml_schemas.h")
+    os.makedirs(GENERATED, exist_ok=True)
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return
+    except OSError:
+        pass
+    with open(path, "w") as f:
+        f.write(text)
+    _say(f"wrote {os.path.relpath(path, ROOT)}")
+
+
 def _extension():
+    _write_generated_headers()
     with_cuda, reason = _cuda_plan()
     _say(("building" if with_cuda else "NOT building") + f" the CUDA kernels: {reason}")
 
@@ -93,7 +117,7 @@ def _extension():
     kwargs = dict(
         name="hpml_ops._C",
         sources=sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs=[os.path.join(ROOT, "csrc"), GENERATED],
         extra_link_args=["-fopenmp"],
         py_limited_api=True,
     )

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from common import (
     base_parser,
     bench_side_by_side,
-    copy_bandwidth,
-    env_note,
-    machine,
-    write_results,
+    finish,
+    parse,
+    provider_fns,
+    record_bandwidth,
+    start,
 )
 
 import hpml_ops
@@ -39,23 +40,6 @@ def _torch_fn(x, w, b, rm, rv, training):
 
 def _ours_fn(x, w, b, rm, rv, training):
     return hpml_ops.batch_norm(x, rm, rv, w, b, training)
-
-
-def with_backend(fn, backend: str):
-    def run(*args):
-        with hpml_ops.use_backend(backend):
-            return fn(*args)
-
-    return run
-
-
-def unavailable(provider: str, device: str) -> str | None:
-    if provider in ("eager", "compile"):
-        return None
-    dt = torch.device(device).type
-    if provider == "triton" and dt == "cpu":
-        return "Triton runs interpreted on CPU: not a speed measurement"
-    return hpml_ops._backend.unavailable_reason(provider, dt)
 
 
 def make_case(fn, mode: str, shape, dtype, device: str):
@@ -84,45 +68,19 @@ def make_case(fn, mode: str, shape, dtype, device: str):
 def main(argv=None) -> int:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--shapes", default="65536x256,4096x1024,256x64x56x56")
-    args = p.parse_args(argv)
-    args.modes = ",".join(MODES) if args.modes == "fwd,bwd,fwd+bwd" else args.modes
-    device = args.device
-    on_gpu = device.startswith("cuda")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
+    args = parse(p, argv, PROVIDERS, modes=MODES)
+    device, dtype, modes = args.device, args.dtype, args.modes
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    providers = args.providers.split(",") if args.providers else list(PROVIDERS)
-    modes = args.modes.split(",")
     elt = torch.empty((), dtype=dtype).element_size()
-
-    meta = machine(device)
-    meta["dtype"] = str(dtype).replace("torch.", "")
-    copy_gbs = copy_bandwidth(device)
-    meta["copy_GBps"] = round(copy_gbs, 1)
-    if env_note():
-        meta["env"] = env_note()
-    print(
-        f"# batch_norm on {device} ({meta.get('gpu', meta['cpu'])}), {meta['dtype']}, "
-        f"copy bandwidth {copy_gbs:.1f} GB/s",
-        flush=True,
-    )
-    for prov in providers:
-        why = unavailable(prov, device)
-        if why:
-            print(f"# {prov}: skipped: {why}")
-    live = [p for p in providers if not unavailable(p, device)]
+    meta, live = start("batch_norm", device, dtype, args.providers, copy=True)
+    copy_gbs = meta["copy_GBps"]
     rows = []
     for shape in shapes:
         numel = 1
         for s in shape:
             numel *= s
         torch._dynamo.reset()
-        fns = {
-            "eager": _torch_fn,
-            "cpp": with_backend(_ours_fn, "cpp"),
-            "triton": with_backend(_ours_fn, "triton"),
-        }
-        if "compile" in live:
-            fns["compile"] = torch.compile(_torch_fn, dynamic=False)
+        fns = provider_fns(_torch_fn, _ours_fn, live)
         name = "x".join(map(str, shape))
         for mode in modes:
             nbytes = BYTES[mode] * numel * elt
@@ -131,31 +89,9 @@ def main(argv=None) -> int:
                 device,
                 min_time=args.min_time,
             )
-            for prov in live:
-                r = res[prov]
-                gbs = nbytes / (r["ms"] * 1e-3) / 1e9
-                rows.append(
-                    {
-                        "shape": name,
-                        "mode": mode,
-                        "provider": prov,
-                        "ms": round(r["ms"], 3),
-                        "ms_p20": round(r["p20"], 3),
-                        "ms_p80": round(r["p80"], 3),
-                        "GBps": round(gbs, 2),
-                        "of_copy": round(gbs / copy_gbs, 3),
-                        "vs_eager": round(r["vs_first"], 2) if live[0] == "eager" else None,
-                    }
-                )
-                print(
-                    f"{name:>14} {mode:>9} {prov:>8}: {r['ms']:9.3f} ms {gbs:7.2f} GB/s "
-                    f"({gbs / copy_gbs:.1%} of copy) {r['vs_first']:5.2f}x eager",
-                    flush=True,
-                )
-    path = write_results("batch_norm", meta, rows, args.out, args.tag)
-    print()
-    print(path.read_text())
-    return 0
+            key = {"shape": name, "mode": mode}
+            record_bandwidth(rows, key, f"{name:>14} {mode:>9}", res, nbytes, copy_gbs, 3)
+    return finish("batch_norm", meta, rows, args)
 
 
 if __name__ == "__main__":

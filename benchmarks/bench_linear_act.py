@@ -17,7 +17,16 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from common import base_parser, bench, bench_side_by_side, machine, write_results
+from common import (
+    base_parser,
+    bench,
+    bench_side_by_side,
+    finish,
+    parse,
+    provider_fns,
+    start,
+    timing_columns,
+)
 
 import hpml_ops
 
@@ -30,17 +39,6 @@ def _torch_fn(x, w, b):
 
 def _ours_fn(x, w, b):
     return hpml_ops.linear_act(x, w, b, "relu")
-
-
-def unavailable(provider: str, device: str) -> str | None:
-    dt = torch.device(device).type
-    if provider == "compile-max-autotune" and dt != "cuda":
-        return "max-autotune tunes GPU kernels"
-    if provider in ("eager", "compile", "compile-max-autotune"):
-        return None
-    if provider == "triton" and dt == "cpu":
-        return "Triton runs interpreted on CPU: not a speed measurement"
-    return hpml_ops._backend.unavailable_reason(provider, dt)
 
 
 def saved_bytes(fn, x, w, b) -> int:
@@ -73,14 +71,6 @@ def make_case(fn, mode: str, x, w, b):
     return (lambda: fn(x, w, b).backward(gy)), clear
 
 
-def with_backend(fn, backend: str):
-    def run(*args):
-        with hpml_ops.use_backend(backend):
-            return fn(*args)
-
-    return run
-
-
 def time_mm(x, w, device: str, min_time: float) -> float:
     xd, wd = x.detach(), w.detach()
     return bench(lambda: torch.mm(xd, wd.t()), device, min_time=min_time)[0]
@@ -89,27 +79,18 @@ def time_mm(x, w, device: str, min_time: float) -> float:
 def main(argv=None) -> int:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--shapes", default=None, help="MxKxN,...")
-    args = p.parse_args(argv)
-    device = args.device
-    on_gpu = device.startswith("cuda")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
+    args = parse(p, argv, PROVIDERS)
+    device, dtype, modes, on_gpu = args.device, args.dtype, args.modes, args.on_gpu
     default = (
         "4096x256x256,4096x1024x1024,65536x1024x1024,8192x8192x8192"
         if on_gpu
         else "4096x256x256,4096x1024x1024"
     )
     shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or default).split(",")]
-    providers = args.providers.split(",") if args.providers else list(PROVIDERS)
-    modes = args.modes.split(",")
+    providers = args.providers
     unit, scale = ("TFLOP/s", 1e12) if on_gpu else ("GFLOP/s", 1e9)
 
-    meta = machine(device)
-    meta["dtype"] = str(dtype).replace("torch.", "")
-    print(f"# linear_act (relu) on {device} ({meta.get('gpu', meta['cpu'])}), {meta['dtype']}")
-    for prov in providers:
-        why = unavailable(prov, device)
-        if why:
-            print(f"# {prov}: skipped: {why}")
+    meta, live = start("linear_act (relu)", device, dtype, providers)
 
     rows = []
     for m, k, n in shapes:
@@ -121,16 +102,7 @@ def main(argv=None) -> int:
         mm_rate = 2 * m * n * k / (mm_ms * 1e-3) / scale
         print(f"{m}x{k}x{n}: torch.mm {mm_ms:.3f} ms = {mm_rate:.1f} {unit}", flush=True)
         torch._dynamo.reset()
-        fns = {"eager": _torch_fn}
-        fns["cpp"] = with_backend(_ours_fn, "cpp")
-        fns["triton"] = with_backend(_ours_fn, "triton")
-        if "compile" in providers:
-            fns["compile"] = torch.compile(_torch_fn, dynamic=False)
-        if "compile-max-autotune" in providers and on_gpu:
-            fns["compile-max-autotune"] = torch.compile(
-                _torch_fn, dynamic=False, mode="max-autotune"
-            )
-        live = [p for p in providers if not unavailable(p, device)]
+        fns = provider_fns(_torch_fn, _ours_fn, live)
         saved = {p: saved_bytes(fns[p], x, w, b) for p in live}
         for mode in modes:
             flops = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}[mode] * m * n * k
@@ -141,16 +113,11 @@ def main(argv=None) -> int:
                 r = res[prov]
                 rate = flops / (r["ms"] * 1e-3) / scale
                 rows.append(
-                    {
-                        "shape": f"{m}x{k}x{n}",
-                        "mode": mode,
-                        "provider": prov,
-                        "ms": round(r["ms"], 3),
-                        "ms_p20": round(r["p20"], 3),
-                        "ms_p80": round(r["p80"], 3),
+                    {"shape": f"{m}x{k}x{n}", "mode": mode, "provider": prov}
+                    | timing_columns(r, live, 3)
+                    | {
                         unit: round(rate, 2),
                         "of_mm": round(rate / mm_rate, 3),
-                        "vs_eager": round(r["vs_first"], 3) if live[0] == "eager" else None,
                         "saved_MB": round(saved[prov] / 2**20, 3),
                     }
                 )
@@ -160,10 +127,7 @@ def main(argv=None) -> int:
                     f"saved {saved[prov] / 2**20:.3f} MB",
                     flush=True,
                 )
-    path = write_results("linear_act", meta, rows, args.out, args.tag)
-    print()
-    print(path.read_text())
-    return 0
+    return finish("linear_act", meta, rows, args)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,37 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+DEFAULT_MODES = "fwd,bwd,fwd+bwd"
+
+
+def parse(
+    p: argparse.ArgumentParser,
+    argv,
+    providers: tuple[str, ...],
+    *,
+    gpu_dtype: str = "bfloat16",
+    modes: tuple[str, ...] | None = None,
+) -> argparse.Namespace:
+    """``p.parse_args(argv)`` with the common options made usable: ``args.on_gpu``;
+    ``args.dtype`` a torch dtype (``--dtype``, else float32 on a CPU and ``gpu_dtype`` on a
+    GPU); ``args.providers`` and ``args.modes`` lists (``providers`` and ``modes``, else
+    fwd, bwd, fwd+bwd, when not given)."""
+    args = p.parse_args(argv)
+    args.on_gpu = args.device.startswith("cuda")
+    args.dtype = getattr(torch, args.dtype or (gpu_dtype if args.on_gpu else "float32"))
+    args.providers = args.providers.split(",") if args.providers else list(providers)
+    if modes is not None and args.modes == DEFAULT_MODES:
+        args.modes = ",".join(modes)
+    args.modes = args.modes.split(",")
+    return args
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 on CPU; bfloat16 on a GPU by default")
     p.add_argument("--providers", default=None, help="comma-separated subset of the providers")
-    p.add_argument("--modes", default="fwd,bwd,fwd+bwd")
+    p.add_argument("--modes", default=DEFAULT_MODES)
     p.add_argument("--min-time", type=float, default=0.5, help="CPU: seconds of repeats per row")
     p.add_argument("--out", default=str(RESULTS), help="directory for the CSV/JSON/markdown")
     p.add_argument("--tag", default="", help="suffix of the result file names")
@@ -221,3 +246,121 @@ def env_note() -> str:
     if os.environ.get("THP_MEM_ALLOC_ENABLE"):
         notes.append("THP_MEM_ALLOC_ENABLE=" + os.environ["THP_MEM_ALLOC_ENABLE"])
     return ", ".join(notes)
+
+
+# ---- what every benchmark program does the same way -----------------------------------------
+
+
+def with_backend(fn: Callable, backend: str) -> Callable:
+    """``fn`` run under ``hpml_ops.use_backend(backend)``."""
+    import hpml_ops
+
+    def run(*args):
+        with hpml_ops.use_backend(backend):
+            return fn(*args)
+
+    return run
+
+
+def unavailable(provider: str, device: str) -> str | None:
+    """Why ``provider`` cannot be timed on ``device`` (None: it can). torch's own providers run
+    everywhere but max-autotune (which tunes GPU kernels); Triton on a CPU runs interpreted,
+    which measures the interpreter; ours, as ``hpml_ops.backend_status`` says."""
+    import hpml_ops
+
+    dt = torch.device(device).type
+    if provider == "compile-max-autotune" and dt != "cuda":
+        return "max-autotune tunes GPU kernels"
+    if provider in ("eager", "compile", "compile-max-autotune"):
+        return None
+    if provider == "triton" and dt == "cpu":
+        return "Triton runs interpreted on CPU: not a speed measurement"
+    return hpml_ops._backend.unavailable_reason(provider, dt)
+
+
+def start(
+    title: str, device: str, dtype: torch.dtype, providers: list[str], *, copy: bool = False
+) -> tuple[dict, list[str]]:
+    """The run's metadata (with the copy bandwidth when ``copy``: ``meta["copy_GBps"]``), its
+    header line and a line per skipped provider; returns (meta, the providers that run)."""
+    meta = machine(device)
+    meta["dtype"] = str(dtype).replace("torch.", "")
+    head = f"# {title} on {device} ({meta.get('gpu', meta['cpu'])}), {meta['dtype']}"
+    if copy:
+        meta["copy_GBps"] = round(copy_bandwidth(device), 1)
+        head += f", copy bandwidth {meta['copy_GBps']:.1f} GB/s"
+    if env_note():
+        meta["env"] = env_note()
+    print(head, flush=True)
+    live = []
+    for prov in providers:
+        why = unavailable(prov, device)
+        if why:
+            print(f"# {prov}: skipped: {why}")
+        else:
+            live.append(prov)
+    return meta, live
+
+
+def provider_fns(torch_fn: Callable, ours_fn: Callable, live: list[str]) -> dict[str, Callable]:
+    """The function each provider runs: torch's eagerly, torch.compile'd (a fresh compile: call
+    ``torch._dynamo.reset()`` per shape first), ours on each backend."""
+    fns = {
+        "eager": torch_fn,
+        "cpp": with_backend(ours_fn, "cpp"),
+        "triton": with_backend(ours_fn, "triton"),
+    }
+    if "compile" in live:
+        fns["compile"] = torch.compile(torch_fn, dynamic=False)
+    if "compile-max-autotune" in live:
+        fns["compile-max-autotune"] = torch.compile(torch_fn, dynamic=False, mode="max-autotune")
+    return fns
+
+
+def timing_columns(r: dict, live: list[str], digits: int) -> dict:
+    """A result row's timing columns from ``bench_side_by_side``'s ``r``: median, 20th and 80th
+    percentile in ms, and the speed relative to eager (when eager ran first)."""
+    return {
+        "ms": round(r["ms"], digits),
+        "ms_p20": round(r["p20"], digits),
+        "ms_p80": round(r["p80"], digits),
+        "vs_eager": round(r["vs_first"], 3) if live[0] == "eager" else None,
+    }
+
+
+def finish(name: str, meta: dict, rows: list[dict], args) -> int:
+    """Write the results (``write_results``) and print their table; the program's exit code."""
+    if not rows:
+        print("nothing to measure: every provider was skipped")
+        return 1
+    path = write_results(name, meta, rows, args.out, args.tag)
+    print()
+    print(path.read_text())
+    return 0
+
+
+def record_bandwidth(
+    rows: list[dict],
+    key: dict,
+    label: str,
+    res: dict[str, dict],
+    nbytes: int,
+    copy_gbs: float,
+    digits: int,
+) -> None:
+    """For each provider timed in ``res`` (``bench_side_by_side``'s result): a row (the ``key``
+    columns, the provider, the timing columns, the rate of ``nbytes`` moved in GB/s and as a
+    fraction of the copy bandwidth) and a printed line starting with ``label``."""
+    live = list(res)
+    for prov, r in res.items():
+        gbs = nbytes / (r["ms"] * 1e-3) / 1e9
+        rows.append(
+            {**key, "provider": prov}
+            | timing_columns(r, live, digits)
+            | {"GBps": round(gbs, 2), "of_copy": round(gbs / copy_gbs, 3)}
+        )
+        print(
+            f"{label} {prov:>8}: {r['ms']:9.3f} ms {gbs:7.2f} GB/s ({gbs / copy_gbs:.1%} of copy) "
+            f"{r['vs_first']:5.2f}x eager",
+            flush=True,
+        )

@@ -45,7 +45,7 @@ step bench_bce_with_logits 150 $PY benchmarks/bench_bce_with_logits.py --device 
 step bench_linear_act 200 $PY benchmarks/bench_linear_act.py --device cuda --out "$OUT" \
   --providers eager,compile,cpp,triton --shapes 4096x1024x1024,4096x4096x4096,8192x8192x8192
 step bench_batch_norm 120 $PY benchmarks/bench_batch_norm.py --device cuda --out "$OUT"
-step bench_mlp 150 $PY benchmarks/bench_mlp.py --device cuda --out "$OUT"
+step bench_train_step 150 $PY benchmarks/bench_train_step.py --device cuda --out "$OUT"
 
 echo
 echo "== summary =="

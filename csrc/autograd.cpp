@@ -23,6 +23,8 @@
 #include <string>
 #include <tuple>
 
+#include "constants.h"
+
 namespace hpml {
 namespace {
 
@@ -75,8 +77,8 @@ class LinearActFn : public torch::autograd::Function<LinearActFn> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, mask] = op.call(input, weight, bias, activation, negative_slope);
     // Only what the backward reads: the mask (1 bit per element) for relu / leaky relu, the
-    // output for sigmoid / tanh (codes 3, 4); never the pre-activation.
-    const bool from_output = activation == 3 || activation == 4;
+    // output for sigmoid / tanh; never the pre-activation.
+    const bool from_output = act_uses_output(static_cast<Act>(activation));
     ctx->save_for_backward({input, weight, from_output ? out : out.new_empty({0}), mask});
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["negative_slope"] = negative_slope;
@@ -183,9 +185,10 @@ class BatchNormFn : public torch::autograd::Function<BatchNormFn> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, mean, invstd, var] =
         op.call(input, weight, bias, running_mean, running_var, training, eps, activation);
-    // The output is read only for the ReLU mask (activation 1).
+    // The output is read only for the ReLU mask.
+    const bool relu = activation == static_cast<int64_t>(Act::Relu);
     ctx->save_for_backward({input, weight.value_or(at::Tensor()),
-                            activation == 1 ? out : out.new_empty({0}), mean, invstd});
+                            relu ? out : out.new_empty({0}), mean, invstd});
     ctx->saved_data["training"] = training;
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();

@@ -302,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_cpu(
         std::vector<acc_t> scale(C);
         for (int64_t c = 0; c < C; ++c) scale[c] = gamma[c] * invstd[c];
         scalar_t* y = out.mutable_data_ptr<scalar_t>();
-        const bool relu = activation == 1;
+        const bool relu = bn_relu(activation);
         const bool stream = stream_output(out);
         map_channels<acc_t>(l.outer, C, l.inner, [&](int64_t off, int64_t cnt, const auto& par) {
           Vec v = (load(x + off, cnt) - par(mean.data())) * par(scale.data()) + par(beta.data());
@@ -328,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   const int64_t C = l.channels, n = l.count();
   // grad and output in the input's layout, so that one offset addresses all three.
   const at::Tensor g = same_layout(grad, l);
-  const bool relu = activation == 1;
+  const bool relu = bn_relu(activation);
   const at::Tensor y = relu ? same_layout(output, l) : at::Tensor();
   at::Tensor dx = input_grad ? empty_like_layout(l) : at::empty({0}, input.options());
   const auto wdt = weight.has_value() && weight->defined() ? weight->scalar_type() : input.scalar_type();
@@ -372,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input) {
-  check_bn_input(input, 0);
+  check_bn_input("hpml::batch_norm_stats", input, 0);
   const BnLayout l = bn_layout(input);
   at::Tensor mean_t, var_t;
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -394,7 +394,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(const at::Tens
   check_backward("hpml::batch_norm_backward_reduce", grad, input, std::nullopt, output, activation,
                  mean_t, std::nullopt);
   const BnLayout l = bn_layout(input);
-  const bool relu = activation == 1;
+  const bool relu = bn_relu(activation);
   const at::Tensor g = same_layout(grad, l);
   const at::Tensor y = relu ? same_layout(output, l) : at::Tensor();
   at::Tensor sdz_t, sdzx_t;
@@ -420,7 +420,7 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad, const at::Tenso
                        sum_dz_xmu_t, count);
   const BnLayout l = bn_layout(input);
   const int64_t C = l.channels;
-  const bool relu = activation == 1;
+  const bool relu = bn_relu(activation);
   const at::Tensor g = same_layout(grad, l);
   const at::Tensor y = relu ? same_layout(output, l) : at::Tensor();
   at::Tensor dx = empty_like_layout(l);
@@ -445,12 +445,6 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad, const at::Tenso
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hpml, CPU, m) {
-  m.impl("batch_norm", &batch_norm_cpu);
-  m.impl("batch_norm_backward", &batch_norm_backward_cpu);
-  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
-  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cpu);
-  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cpu);
-}
+HPML_REGISTER_KERNELS(batch_norm, CPU, _cpu)
 
 }  // namespace hpml

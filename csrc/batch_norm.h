@@ -46,25 +46,29 @@ inline at::Tensor same_layout(const at::Tensor& t, const BnLayout& l) {
   return t.movedim(1, -1).contiguous().movedim(-1, 1);
 }
 
-inline void check_channel_vector(const std::optional<at::Tensor>& t, const at::Tensor& input,
-                                 const char* name) {
-  if (!t.has_value() || !t->defined()) return;
-  TORCH_CHECK(t->dim() == 1 && t->numel() == input.size(1), "hpml::batch_norm: ", name,
-              " should contain ", input.size(1), " elements (one per channel), got shape ",
-              t->sizes());
-  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "hpml::batch_norm: expected a floating-point ",
-              name, ", got ", t->scalar_type());
-  check_same_device(input, *t, name);
+// ---- the argument contracts, the same checks in the same order with the same messages as the
+// Python ones (hpml_ops/ops/batch_norm.py) ----------------------------------------------------
+
+inline void check_channel_vector(const char* op, const std::optional<at::Tensor>& t,
+                                 const at::Tensor& input, const char* name) {
+  if (!present(t)) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == input.size(1), op, ": ", name, " should contain ",
+              input.size(1), " elements (one per channel), got shape ", py_shape(t->sizes()));
+  check_floating(op, *t, name);
+  check_same_device(op, input, *t, name);
 }
 
-// The input (N, C, *), floating point, and the activation code.
-inline void check_bn_input(const at::Tensor& input, int64_t activation) {
-  TORCH_CHECK(input.dim() >= 2, "hpml::batch_norm: expected an input of shape (N, C, *), got ",
-              input.sizes());
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "hpml::batch_norm: expected a floating-point input, got ", input.scalar_type());
-  TORCH_CHECK(activation == 0 || activation == 1,
-              "hpml::batch_norm: activation must be 0 (none) or 1 (relu), got ", activation);
+// Whether batch norm's activation code asks for the fused ReLU (else none).
+inline bool bn_relu(int64_t activation) { return activation == static_cast<int64_t>(Act::Relu); }
+
+// The input (N, C, *), floating point, and the activation code (0 none, 1 relu).
+inline void check_bn_input(const char* op, const at::Tensor& input, int64_t activation) {
+  TORCH_CHECK(activation == static_cast<int64_t>(Act::None) ||
+                  activation == static_cast<int64_t>(Act::Relu),
+              op, ": activation must be 0 (none) or 1 (relu), got ", activation);
+  TORCH_CHECK(input.dim() >= 2, op, ": expected an input of shape (N, C, *), got shape ",
+              py_shape(input.sizes()));
+  check_floating(op, input, "input");
 }
 
 inline void check_batch_norm(const at::Tensor& input, const std::optional<at::Tensor>& weight,
@@ -72,20 +76,21 @@ inline void check_batch_norm(const at::Tensor& input, const std::optional<at::Te
                              const std::optional<at::Tensor>& running_mean,
                              const std::optional<at::Tensor>& running_var, bool training,
                              int64_t activation) {
-  check_bn_input(input, activation);
-  check_channel_vector(weight, input, "weight");
-  check_channel_vector(bias, input, "bias");
-  check_channel_vector(running_mean, input, "running_mean");
-  check_channel_vector(running_var, input, "running_var");
-  const bool have_stats = running_mean.has_value() && running_mean->defined() &&
-                          running_var.has_value() && running_var->defined();
-  TORCH_CHECK(training || have_stats,
-              "hpml::batch_norm: running_mean and running_var must be defined in evaluation mode");
+  constexpr const char* op = "batch_norm";
+  check_bn_input(op, input, activation);
+  check_channel_vector(op, weight, input, "weight");
+  check_channel_vector(op, bias, input, "bias");
+  check_channel_vector(op, running_mean, input, "running_mean");
+  check_channel_vector(op, running_var, input, "running_var");
+  TORCH_CHECK(training || (present(running_mean) && present(running_var)),
+              "running_mean must be defined in evaluation mode");
   if (training) {
-    const int64_t per_channel = input.numel() / std::max<int64_t>(input.size(1), 1);
-    TORCH_CHECK(per_channel != 1 || input.size(1) == 0,
-                "Expected more than 1 value per channel when training, got input size ",
-                input.sizes());
+    // torch's rule (F.batch_norm's _verify_batch_size): N times the spatial size, C aside.
+    int64_t per_channel = input.size(0);
+    for (int64_t d = 2; d < input.dim(); ++d) per_channel *= input.size(d);
+    TORCH_CHECK_VALUE(per_channel != 1,
+                      "Expected more than 1 value per channel when training, got input size ",
+                      torch_size(input.sizes()));
   }
 }
 
@@ -95,21 +100,12 @@ inline void check_backward(const char* op, const at::Tensor& grad, const at::Ten
                            const std::optional<at::Tensor>& weight, const at::Tensor& output,
                            int64_t activation, const at::Tensor& mean,
                            const std::optional<at::Tensor>& invstd) {
-  check_bn_input(input, activation);
-  check_channel_vector(weight, input, "weight");
-  check_channel_vector(mean, input, "mean");
-  check_channel_vector(invstd, input, "invstd");
-  TORCH_CHECK(grad.sizes() == input.sizes(), op, ": grad of shape ", grad.sizes(),
-              " does not match the input's ", input.sizes());
-  TORCH_CHECK(grad.scalar_type() == input.scalar_type(), op, ": grad has dtype ",
-              grad.scalar_type(), ", the input ", input.scalar_type());
-  check_same_device(input, grad, "grad");
-  if (activation == 1) {
-    TORCH_CHECK(output.sizes() == input.sizes() && output.scalar_type() == input.scalar_type(), op,
-                ": output (read for the ReLU mask) should match the input's shape and dtype, got ",
-                output.sizes(), " ", output.scalar_type());
-    check_same_device(input, output, "output");
-  }
+  check_bn_input(op, input, activation);
+  check_channel_vector(op, weight, input, "weight");
+  check_channel_vector(op, mean, input, "mean");
+  check_channel_vector(op, invstd, input, "invstd");
+  check_like(op, input, grad, "grad", input, "the input's");
+  if (bn_relu(activation)) check_like(op, input, output, "output", input, "the input's");
 }
 
 // hpml::batch_norm_backward_elemt's: check_backward's, the group's sums, a positive count.
@@ -118,11 +114,11 @@ inline void check_backward_elemt(const at::Tensor& grad, const at::Tensor& input
                                  int64_t activation, const at::Tensor& mean,
                                  const at::Tensor& invstd, const at::Tensor& sum_dz,
                                  const at::Tensor& sum_dz_xmu, int64_t count) {
-  check_backward("hpml::batch_norm_backward_elemt", grad, input, weight, output, activation, mean,
-                 invstd);
-  check_channel_vector(sum_dz, input, "sum_dz");
-  check_channel_vector(sum_dz_xmu, input, "sum_dz_xmu");
-  TORCH_CHECK(count > 0, "hpml::batch_norm_backward_elemt: count must be positive, got ", count);
+  constexpr const char* op = "hpml::batch_norm_backward_elemt";
+  check_backward(op, grad, input, weight, output, activation, mean, invstd);
+  check_channel_vector(op, sum_dz, input, "sum_dz");
+  check_channel_vector(op, sum_dz_xmu, input, "sum_dz_xmu");
+  TORCH_CHECK(count > 0, op, ": count must be positive, got ", count);
 }
 
 // ---- per-channel and per-element arithmetic (C10_HOST_DEVICE) ------------------------------------

@@ -224,9 +224,6 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hpml, CPU, m) {
-  m.impl("bce_with_logits", &bce_with_logits_cpu);
-  m.impl("bce_with_logits_backward", &bce_with_logits_backward_cpu);
-}
+HPML_REGISTER_KERNELS(bce_with_logits, CPU, _cpu)
 
 }  // namespace hpml

@@ -4,6 +4,8 @@
 
 #include <ATen/core/Reduction.h>
 
+#include <tuple>
+
 #include "common.h"
 
 namespace hpml {
@@ -14,43 +16,45 @@ struct BceArgs {
   int64_t numel = 0;
 };
 
+// The argument contract of hpml::bce_with_logits, the same checks in the same order with the same
+// messages as the Python contract (hpml_ops/ops/bce_with_logits.py, check_args with op=True);
+// then the operands as the kernels read them.
 inline BceArgs prepare_bce(const at::Tensor& input, const at::Tensor& target,
                            const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
-  TORCH_CHECK(input.sizes() == target.sizes(), "Target size (", target.sizes(),
-              ") must be the same as input size (", input.sizes(), ")");
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "hpml::bce_with_logits: expected a floating-point input, got ", input.scalar_type());
-  check_floating_same_dtype(input, target, "target");
-  check_same_device(input, target, "target");
-  TORCH_CHECK(reduction >= at::Reduction::None && reduction <= at::Reduction::Sum,
-              "hpml::bce_with_logits: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-              reduction);
+  constexpr const char* op = "binary_cross_entropy_with_logits";
+  TORCH_CHECK(reduction >= at::Reduction::None && reduction <= at::Reduction::Sum, op,
+              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  TORCH_CHECK_VALUE(input.sizes() == target.sizes(), "Target size (", torch_size(target.sizes()),
+                    ") must be the same as input size (", torch_size(input.sizes()), ")");
+  check_floating(op, input, "input");
+  check_floating(op, target, "target");
+  check_same_device(op, input, target, "target");
+  check_same_dtype(op, input, target, "target");
   BceArgs a;
   a.x = input.contiguous();
   a.y = target.contiguous();
   a.numel = input.numel();
-  if (weight.has_value() && weight->defined()) {
-    check_floating_same_dtype(input, *weight, "weight");
-    check_same_device(input, *weight, "weight");
-    a.w = make_bcast(*weight, input.sizes(), "weight");
-  }
-  if (pos_weight.has_value() && pos_weight->defined()) {
-    check_floating_same_dtype(input, *pos_weight, "pos_weight");
-    check_same_device(input, *pos_weight, "pos_weight");
-    a.pw = make_bcast(*pos_weight, input.sizes(), "pos_weight");
+  for (auto [t, name, dst] : {std::tuple{&weight, "weight", &a.w},
+                              std::tuple{&pos_weight, "pos_weight", &a.pw}}) {
+    if (!present(*t)) continue;
+    check_floating(op, **t, name);
+    check_same_device(op, input, **t, name);
+    check_same_dtype(op, input, **t, name);
+    *dst = make_bcast(op, **t, input.sizes(), name);
   }
   return a;
 }
 
 inline void check_bce_grad(const at::Tensor& grad, const at::Tensor& input, int64_t reduction) {
-  check_same_device(input, grad, "grad");
+  constexpr const char* op = "hpml::bce_with_logits_backward";
+  check_same_device(op, input, grad, "grad");
   if (reduction == at::Reduction::None) {
-    TORCH_CHECK(grad.sizes() == input.sizes(), "hpml::bce_with_logits_backward: grad of shape ",
-                grad.sizes(), " does not match the input's shape ", input.sizes());
+    TORCH_CHECK(grad.sizes() == input.sizes(), op, ": grad of shape ", py_shape(grad.sizes()),
+                " does not match the input's shape ", py_shape(input.sizes()));
   } else {
-    TORCH_CHECK(grad.numel() == 1, "hpml::bce_with_logits_backward: expected a one-element grad ",
-                "for a reduced loss, got shape ", grad.sizes());
+    TORCH_CHECK(grad.numel() == 1, op, ": expected a one-element grad for a reduced loss, got "
+                "shape ", py_shape(grad.sizes()));
   }
 }
 

@@ -6,11 +6,84 @@
 #include <ATen/ExpandUtils.h>
 #include <c10/util/Exception.h>
 
+#include "constants.h"
+#include "hpml_schemas.h"  // generated from hpml_ops/ops/schema.py (build/generated/)
+
 #include <algorithm>
 #include <optional>
 #include <string>
 
 namespace hpml {
+
+// ---- argument checks, with the messages the Python contracts (hpml_ops/ops/<op>.py) give -------
+// A public function calls the C++ op straight away and lets its error through: every check a C++
+// op shares with its Python contract must raise the same exception with the same words.
+
+// torch's Python name of a dtype: "torch.float32".
+inline std::string py_dtype(c10::ScalarType t) {
+  switch (t) {
+    case c10::kFloat: return "torch.float32";
+    case c10::kDouble: return "torch.float64";
+    case c10::kHalf: return "torch.float16";
+    case c10::kBFloat16: return "torch.bfloat16";
+    case c10::kLong: return "torch.int64";
+    case c10::kInt: return "torch.int32";
+    case c10::kShort: return "torch.int16";
+    case c10::kChar: return "torch.int8";
+    case c10::kByte: return "torch.uint8";
+    case c10::kBool: return "torch.bool";
+    case c10::kComplexHalf: return "torch.complex32";
+    case c10::kComplexFloat: return "torch.complex64";
+    case c10::kComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+// A shape as Python prints a tuple: "(4, 6)", "(5,)", "()".
+inline std::string py_shape(at::IntArrayRef s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) {
+    out += (i ? ", " : "") + std::to_string(s[i]);
+  }
+  return out + (s.size() == 1 ? ",)" : ")");
+}
+
+// A shape as torch prints a torch.Size: "torch.Size([4, 6])".
+inline std::string torch_size(at::IntArrayRef s) {
+  std::string out = "torch.Size([";
+  for (size_t i = 0; i < s.size(); ++i) {
+    out += (i ? ", " : "") + std::to_string(s[i]);
+  }
+  return out + "])";
+}
+
+inline void check_floating(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": expected a floating-point ", name,
+              ", got ", py_dtype(t.scalar_type()));
+}
+
+inline void check_same_device(const char* op, const at::Tensor& ref, const at::Tensor& t,
+                              const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": expected ", name, " on ", ref.device(),
+              " (the input's device), got ", t.device());
+}
+
+inline void check_same_dtype(const char* op, const at::Tensor& ref, const at::Tensor& t,
+                             const char* name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": expected ", name, " of dtype ",
+              py_dtype(ref.scalar_type()), " (the input's dtype), got ", py_dtype(t.scalar_type()));
+}
+
+// t of other's shape, on ref's device in ref's dtype.
+inline void check_like(const char* op, const at::Tensor& ref, const at::Tensor& t,
+                       const char* name, const at::Tensor& other, const char* other_name) {
+  TORCH_CHECK(t.sizes() == other.sizes(), op, ": ", name, " of shape ", py_shape(t.sizes()),
+              " does not match ", other_name, " ", py_shape(other.sizes()));
+  check_same_dtype(op, ref, t, name);
+  check_same_device(op, ref, t, name);
+}
+
+inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // A tensor broadcast to a shape S, read as: element i of the row-major flattening of S reads
 // data[(i / inner) % period]. This covers a full tensor (inner 1, period numel), a per-feature
@@ -23,9 +96,10 @@ struct Bcast {
   bool full(int64_t numel) const { return inner == 1 && period == numel; }
 };
 
-inline Bcast make_bcast(const at::Tensor& t, at::IntArrayRef shape, const char* name) {
-  TORCH_CHECK(at::is_expandable_to(t.sizes(), shape), name, " of shape ", t.sizes(),
-              " cannot be broadcast to the input's shape ", shape);
+inline Bcast make_bcast(const char* op, const at::Tensor& t, at::IntArrayRef shape,
+                        const char* name) {
+  TORCH_CHECK(at::is_expandable_to(t.sizes(), shape), op, ": ", name, " of shape ",
+              py_shape(t.sizes()), " cannot be broadcast to the input's shape ", py_shape(shape));
   at::Tensor e = t.expand(shape);
   const int64_t nd = static_cast<int64_t>(shape.size());
   const int64_t numel = c10::multiply_integers(shape);
@@ -72,16 +146,16 @@ inline Bcast make_bcast(const at::Tensor& t, at::IntArrayRef shape, const char* 
   return b;
 }
 
-inline void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), "Expected ", name, " on ", ref.device(),
-              " (the input's device), got ", t.device());
-}
-
-inline void check_floating_same_dtype(const at::Tensor& ref, const at::Tensor& t,
-                                      const char* name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "Expected ", name, " of dtype ",
-              ref.scalar_type(), " (the input's dtype), got ", t.scalar_type());
-}
+// Registers the kernels <op><suffix> of every op of a family (hpml_ops/ops/schema.py) for a
+// dispatch key: HPML_REGISTER_KERNELS(batch_norm, CPU, _cpu) in csrc/batch_norm.cpp,
+// HPML_REGISTER_KERNELS(batch_norm, CUDA, _cuda) in csrc/cuda/batch_norm.cu. The library is
+// HPML_LIBRARY, hpml unless a build of the same sources defines another.
+#ifndef HPML_LIBRARY
+#define HPML_LIBRARY hpml
+#endif
+#define HPML_IMPL_ONE(op, suffix) m.impl(#op, &op##suffix);
+#define HPML_REGISTER_KERNELS(family, key, suffix) \
+  TORCH_LIBRARY_IMPL(HPML_LIBRARY, key, m) { HPML_OPS_##family(HPML_IMPL_ONE, suffix) }
 
 // Calls f(std::true_type) or f(std::false_type): a runtime flag made a template argument.
 template <typename F>

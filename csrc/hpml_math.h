@@ -13,6 +13,8 @@
 
 #include <cmath>
 
+#include "constants.h"
+
 #if !defined(__CUDACC__)
 #include <ATen/cpu/vec/vec.h>
 #endif
@@ -140,8 +142,8 @@ C10_HOST_DEVICE inline T sigmoid(T x) {
 }
 
 // ---- activations of linear_act ------------------------------------------------------------------
-// Codes as in the op schemas (csrc/ops.cpp) and hpml_ops/ops/linear_act.py.
-enum class Act : int64_t { None = 0, Relu = 1, LeakyRelu = 2, Sigmoid = 3, Tanh = 4 };
+// The codes: csrc/constants.h.
+using ::hpml::Act;
 
 // Select a where pred is true (scalar or vector predicate from a comparison).
 C10_HOST_DEVICE inline float vselect(bool pred, float a, float b) { return pred ? a : b; }

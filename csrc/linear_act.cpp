@@ -240,9 +240,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hpml, CPU, m) {
-  m.impl("linear_act", &linear_act_cpu);
-  m.impl("linear_act_backward", &linear_act_backward_cpu);
-}
+HPML_REGISTER_KERNELS(linear_act, CPU, _cpu)
 
 }  // namespace hpml

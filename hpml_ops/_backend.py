@@ -166,8 +166,21 @@ def _resolve(choice: str, device_type: str, op: str | None) -> str:
     return choice
 
 
+# (choice, device, op) -> the backend that runs it. What decides it (the extension, triton, a CUDA
+# device, the interpreter flag read at import) does not change in a process (as use_backend
+# assumes), and a small layer's call cannot afford the checks (device.type alone takes ~0.3 us).
+_resolved: dict[tuple, str] = {}
+
+
 def resolve(device: torch.device, op: str | None = None, choice: str | None = None) -> str:
     """The backend that runs ``op`` on tensors of ``device`` under ``choice`` (a module's
     ``backend``; None: the current process-wide choice). Under torch.compile the answer is fixed
     when the graph is traced."""
-    return _resolve(choice or _choice[0], device.type, op)
+    choice = choice or _choice[0]
+    if torch.compiler.is_compiling():
+        return _resolve(choice, device.type, op)
+    key = (choice, device, op)
+    backend = _resolved.get(key)
+    if backend is None:  # an unusable choice raises here, every time
+        backend = _resolved[key] = _resolve(choice, device.type, op)
+    return backend

@@ -32,9 +32,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from . import constants
 from . import nn as hnn
 
-ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "none")
+ACTIVATIONS = tuple(constants.ACTIVATIONS)
 INITS = ("he", "he_uniform", "xavier", "xavier_uniform", "torch")
 
 __all__ = ["ACTIVATIONS", "INITS", "MLP", "count_parameters", "init_linear_", "plain_mlp"]
@@ -68,10 +69,7 @@ def init_linear_(
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(
-            f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}"
-        )
+    constants.activation_code(activation, "init_linear_")
     if init == "torch":
         return
     nonlinearity = "linear" if activation == "none" else activation
@@ -127,11 +125,7 @@ class MLP(nn.Sequential):
         sizes = [int(in_features), *hidden_sizes, int(out_features)]
         if any(s <= 0 for s in sizes):
             raise ValueError(f"MLP: every layer size must be positive, got {sizes}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(
-                f"MLP: activation must be one of {', '.join(map(repr, ACTIVATIONS))}, "
-                f"got {activation!r}"
-            )
+        constants.activation_code(activation, "MLP")
         if init not in INITS:
             raise ValueError(
                 f"MLP: init must be one of {', '.join(map(repr, INITS))}, got {init!r}"

@@ -9,18 +9,16 @@ import torch
 import triton
 import triton.language as tl
 
+from ..constants import acc_dtype
+
 # Read when the kernels are decorated: @triton.jit decides then whether to interpret.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _INTERPRET_C = tl.constexpr(INTERPRET)  # the same, visible inside @triton.jit code
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp32, or fp64 for fp64 tensors."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def tl_acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """The accumulation dtype of ``dtype`` (hpml_ops/constants.py) as a Triton type."""
+    return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
 
 
 class Bcast:
@@ -69,6 +67,11 @@ class Bcast:
             self.data = block.contiguous().reshape(-1)
             self.inner, self.period = inner, period
         self.mode = 1 if (self.inner == 1 and self.period == numel) else 2
+
+    @property
+    def args(self) -> tuple:
+        """The kernel arguments (pointer, inner, period) that ``load_bcast`` reads it by."""
+        return self.data, self.inner, self.period
 
 
 @triton.jit

@@ -17,9 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, to_dtype
+from ..constants import ACTIVATIONS, acc_dtype
+from ..ops.batch_norm import _check_input, check_args, check_backward_args, check_elemt_args
+from ._common import INTERPRET, tl_acc_dtype, to_dtype
 
 NUM_WARPS = 4
+_RELU = ACTIVATIONS["relu"]
 
 
 def _layout(input: torch.Tensor):
@@ -171,7 +174,7 @@ def _bn_apply_kernel(
 
 
 def _acc(dtype):
-    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+    return acc_dtype(dtype), tl_acc_dtype(dtype)
 
 
 def _channel_sums(x, dy, y, ref, R, C, inner, backward, relu):
@@ -213,16 +216,17 @@ def _batch_stats(x, R, C, inner):
     return shift.double() + m1, (s2 / R - m1 * m1).clamp_min(0.0)
 
 
-def batch_norm_fwd(input, weight, bias, running_mean, running_var, training, eps, activation):
-    """(output, mean, invstd, var) as hpml::batch_norm (csrc/ops.cpp): the output in the input's
-    layout; per-channel statistics in fp32 (fp64 for fp64 input); var the unbiased batch variance
-    in training, else empty."""
+def batch_norm(input, weight, bias, running_mean, running_var, training, eps, activation):
+    """hpml::batch_norm_triton: (output, mean, invstd, var), the output in the input's layout;
+    per-channel statistics in fp32 (fp64 for fp64 input); var the unbiased batch variance in
+    training, else empty."""
+    check_args(input, weight, bias, running_mean, running_var, training, activation)
     x, outer, C, inner = _layout(input)
     R = outer * inner
     acc_t, acc_tl = _acc(x.dtype)
     dev = x.device
     out = torch.empty_like(x)
-    relu = activation == 1
+    relu = activation == _RELU
     if training:
         if R > 0:
             mean, var_b = _batch_stats(x, R, C, inner)
@@ -310,7 +314,7 @@ def _dx(x, dy, y, weight, mean, invstd, sdz, sdzx, n, batch_terms, relu):
     return dx
 
 
-def batch_norm_bwd(
+def batch_norm_backward(
     grad,
     input,
     weight,
@@ -323,12 +327,15 @@ def batch_norm_bwd(
     weight_grad,
     bias_grad,
 ):
-    """(grad_input, grad_weight, grad_bias) as hpml::batch_norm_backward."""
+    """hpml::batch_norm_backward_triton: (grad_input, grad_weight, grad_bias)."""
+    check_backward_args(
+        "hpml::batch_norm_backward", grad, input, weight, output, activation, mean, invstd
+    )
     x, outer, C, inner = _layout(input)
     R = outer * inner
     acc_t, acc_tl = _acc(x.dtype)
     dev = x.device
-    relu = activation == 1
+    relu = activation == _RELU
     dy = _same_layout(grad, x)
     y = _same_layout(output, x) if relu else x
     wdt = weight.dtype if weight is not None else x.dtype
@@ -345,7 +352,9 @@ def batch_norm_bwd(
 
 
 def batch_norm_stats(input):
-    """(mean, biased variance) per channel as hpml::batch_norm_stats, in fp32 (fp64 for fp64)."""
+    """hpml::batch_norm_stats_triton: (mean, biased variance) per channel, in fp32 (fp64 for
+    fp64)."""
+    _check_input("hpml::batch_norm_stats", input, 0)
     x, outer, C, inner = _layout(input)
     R = outer * inner
     acc_t, _ = _acc(x.dtype)
@@ -357,11 +366,14 @@ def batch_norm_stats(input):
 
 
 def batch_norm_backward_reduce(grad, input, output, mean, activation):
-    """(sum dz, sum dz (x - mean)) per channel as hpml::batch_norm_backward_reduce."""
+    """hpml::batch_norm_backward_reduce_triton: (sum dz, sum dz (x - mean)) per channel."""
+    check_backward_args(
+        "hpml::batch_norm_backward_reduce", grad, input, None, output, activation, mean, None
+    )
     x, outer, C, inner = _layout(input)
     R = outer * inner
     acc_t, _ = _acc(x.dtype)
-    relu = activation == 1
+    relu = activation == _RELU
     if R == 0:
         z = torch.zeros(C, dtype=acc_t, device=x.device)
         return z, z.clone()
@@ -375,11 +387,12 @@ def batch_norm_backward_reduce(grad, input, output, mean, activation):
 def batch_norm_backward_elemt(
     grad, input, weight, output, mean, invstd, sum_dz, sum_dz_xmu, count, activation
 ):
-    """grad_input from whole-batch sums, as hpml::batch_norm_backward_elemt."""
-    if count <= 0:
-        raise RuntimeError(f"hpml::batch_norm_backward_elemt: count must be positive, got {count}")
+    """hpml::batch_norm_backward_elemt_triton: grad_input from whole-batch sums."""
+    check_elemt_args(
+        grad, input, weight, output, mean, invstd, sum_dz, sum_dz_xmu, count, activation
+    )
     x, _, _, _ = _layout(input)
-    relu = activation == 1
+    relu = activation == _RELU
     dy = _same_layout(grad, x)
     y = _same_layout(output, x) if relu else x
     acc_t, _ = _acc(x.dtype)

@@ -14,10 +14,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..constants import REDUCTIONS, acc_dtype
+from ..ops.bce_with_logits import check_args, check_backward_args
 from ._common import (
     INTERPRET,
     Bcast,
-    acc_dtype,
     load_bcast,
     log_sigmoid,
     sigmoid,
@@ -31,6 +32,7 @@ from ._common import (
 BLOCK = 4096 if INTERPRET else 1024
 NUM_WARPS = 4
 REDUCE_BLOCK = 1024
+_NONE, _MEAN = REDUCTIONS["none"], REDUCTIONS["mean"]
 
 
 @triton.jit
@@ -146,63 +148,39 @@ def _bce_bwd_kernel(
         tl.store(gy_ptr + offs, to_dtype(d * g, gy_ptr.dtype.element_ty), mask=mask)
 
 
-def _operands(input, target, weight, pos_weight, reduction):
-    """Checks as hpml::prepare_bce (csrc/bce_with_logits.h) does, then the kernel operands."""
-    if input.shape != target.shape:
-        raise ValueError(
-            f"Target size ({target.shape}) must be the same as input size ({input.shape})"
-        )
-    if not input.is_floating_point():
-        raise RuntimeError(
-            f"hpml::bce_with_logits: expected a floating-point input, got {input.dtype}"
-        )
-    for name, t in (("target", target), ("weight", weight), ("pos_weight", pos_weight)):
-        if t is None:
-            continue
-        if t.dtype != input.dtype:
-            raise RuntimeError(
-                f"Expected {name} of dtype {input.dtype} (the input's dtype), got {t.dtype}"
-            )
-        if t.device != input.device:
-            raise RuntimeError(
-                f"Expected {name} on {input.device} (the input's device), got {t.device}"
-            )
-    if reduction not in (0, 1, 2):
-        raise RuntimeError(f"hpml::bce_with_logits: reduction must be 0, 1 or 2, got {reduction}")
+def _operands(input, target, weight, pos_weight):
     x, y = input.contiguous(), target.contiguous()
     w, pw = Bcast(weight, x.shape, x), Bcast(pos_weight, x.shape, x)
     return x, y, w, pw
 
 
-def bce_with_logits_fwd(
+def bce_with_logits(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
     pos_weight: torch.Tensor | None,
     reduction: int,
 ) -> torch.Tensor:
-    """Loss of ``input`` (any shape, floating) against ``target`` (same shape and dtype);
-    ``weight``/``pos_weight`` broadcastable to the input. ``reduction`` 0 none (output of the
-    input's shape), 1 mean, 2 sum (0-d output). Output in the input's dtype."""
-    x, y, w, pw = _operands(input, target, weight, pos_weight, reduction)
+    """hpml::bce_with_logits_triton: the loss of ``input`` (any shape, floating) against
+    ``target`` (same shape and dtype); ``weight``/``pos_weight`` broadcastable to the input.
+    ``reduction`` 0 none (output of the input's shape), 1 mean, 2 sum (0-d output). Output in the
+    input's dtype."""
+    check_args(input, target, weight, pos_weight, reduction)
+    x, y, w, pw = _operands(input, target, weight, pos_weight)
     n = x.numel()
-    reduce = reduction != 0
+    reduce = reduction != _NONE
     out = torch.empty(() if reduce else x.shape, dtype=x.dtype, device=x.device)
     if n == 0:
         if reduce:
-            out.fill_(math.nan if reduction == 1 else 0.0)  # torch: mean of nothing is NaN
+            out.fill_(math.nan if reduction == _MEAN else 0.0)  # torch: mean of nothing is NaN
         return out
     nprog = triton.cdiv(n, BLOCK)
     dst = torch.empty(nprog, dtype=acc_dtype(x.dtype), device=x.device) if reduce else out
     _bce_fwd_kernel[(nprog,)](
         x,
         y,
-        w.data,
-        w.inner,
-        w.period,
-        pw.data,
-        pw.inner,
-        pw.period,
+        *w.args,
+        *pw.args,
         dst,
         n,
         W_MODE=w.mode,
@@ -214,12 +192,12 @@ def bce_with_logits_fwd(
     )
     if reduce:
         _sum_partials_kernel[(1,)](
-            dst, nprog, out, n if reduction == 1 else 0, BLOCK=REDUCE_BLOCK, num_warps=4
+            dst, nprog, out, n if reduction == _MEAN else 0, BLOCK=REDUCE_BLOCK, num_warps=4
         )
     return out
 
 
-def bce_with_logits_bwd(
+def bce_with_logits_backward(
     grad: torch.Tensor,
     input: torch.Tensor,
     target: torch.Tensor,
@@ -229,30 +207,28 @@ def bce_with_logits_bwd(
     input_grad: bool,
     target_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of the loss with respect to input and target, each of the input's shape and
-    dtype, or an empty tensor when not asked for. ``grad`` is 0-d for a reduced loss."""
-    x, y, w, pw = _operands(input, target, weight, pos_weight, reduction)
+    """hpml::bce_with_logits_backward_triton: the gradients of the loss with respect to input and
+    target, each of the input's shape and dtype, or an empty tensor when not asked for. ``grad``
+    is 0-d for a reduced loss."""
+    check_backward_args(grad, input, target, weight, pos_weight, reduction)
+    x, y, w, pw = _operands(input, target, weight, pos_weight)
     n = x.numel()
     gx = torch.empty(x.shape if input_grad else (0,), dtype=x.dtype, device=x.device)
     gy = torch.empty(x.shape if target_grad else (0,), dtype=x.dtype, device=x.device)
     if n == 0 or not (input_grad or target_grad):
         return gx, gy
-    elemwise = reduction == 0
+    elemwise = reduction == _NONE
     g = grad.to(x.dtype).contiguous() if elemwise else grad
     _bce_bwd_kernel[(triton.cdiv(n, BLOCK),)](
         g,
         x,
         y,
-        w.data,
-        w.inner,
-        w.period,
-        pw.data,
-        pw.inner,
-        pw.period,
+        *w.args,
+        *pw.args,
         gx if input_grad else x,
         gy if target_grad else x,
         n,
-        n if reduction == 1 else 0,
+        n if reduction == _MEAN else 0,
         W_MODE=w.mode,
         PW_MODE=pw.mode,
         GRAD_ELEMWISE=elemwise,

@@ -15,10 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, sigmoid, tanh, tile_ids, to_dtype
+from ..constants import ACT_USES_MASK, ACT_USES_OUTPUT, ACTIVATIONS, mask_row_bytes
+from ..ops.linear_act import _allow_tf32, check_args, check_backward_args
+from ._common import INTERPRET, sigmoid, tanh, tile_ids, tl_acc_dtype, to_dtype
 
-# Activation codes, as in csrc/ops.cpp.
-NONE, RELU, LEAKY_RELU, SIGMOID, TANH = 0, 1, 2, 3, 4
+RELU, LEAKY_RELU, SIGMOID, TANH = (
+    ACTIVATIONS[a] for a in ("relu", "leaky_relu", "sigmoid", "tanh")
+)
+# The same codes inside @triton.jit code.
+_RELU, _LEAKY_RELU, _SIGMOID, _TANH = (tl.constexpr(c) for c in (RELU, LEAKY_RELU, SIGMOID, TANH))
 
 
 def _configs() -> list[triton.Config]:
@@ -61,13 +66,13 @@ _AUTOTUNE = dict(
 @triton.jit
 def _activate(z, slope, ACT: tl.constexpr):
     # torch's formulas: relu keeps NaN, leaky relu is z > 0 ? z : z * slope.
-    if ACT == 1:
+    if ACT == _RELU:
         z = tl.where(z < 0, 0.0, z)
-    elif ACT == 2:
+    elif ACT == _LEAKY_RELU:
         z = tl.where(z > 0, z, z * slope)
-    elif ACT == 3:
+    elif ACT == _SIGMOID:
         z = sigmoid(z)
-    elif ACT == 4:
+    elif ACT == _TANH:
         z = tanh(z)
     return z
 
@@ -98,7 +103,7 @@ def _dz_tile(
     inb = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     g = tl.load(g_ptr + rows * stride_gm + offs_n[None, :] * stride_gn, mask=inb, other=0.0)
     g = g.to(ACC)
-    if ACT == 1 or ACT == 2:
+    if ACT == _RELU or ACT == _LEAKY_RELU:
         offs_b = n0 // 8 + tl.arange(0, COLS // 8)
         byte = tl.load(
             mask_ptr + rows * mask_row_bytes + offs_b[None, :],
@@ -108,13 +113,13 @@ def _dz_tile(
         bits = (byte.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
         on = tl.reshape(bits, (ROWS, COLS)) != 0
         # A select, as torch's threshold_backward: a NaN gradient where the mask is off is 0.
-        if ACT == 1:
+        if ACT == _RELU:
             g = tl.where(on, g, 0.0)
         else:
             g = tl.where(on, g, g * slope)
-    elif ACT == 3 or ACT == 4:
+    elif ACT == _SIGMOID or ACT == _TANH:
         y = tl.load(y_ptr + rows * stride_ym + offs_n[None, :], mask=inb, other=0.0).to(ACC)
-        if ACT == 3:
+        if ACT == _SIGMOID:
             g = g * ((1.0 - y) * y)
         else:
             g = g * (1.0 - y * y)
@@ -343,36 +348,32 @@ def _linear_act_bwd_dw_kernel(
         )
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
-    # input_precision only matters for fp32 operands; torch's switch decides, IEEE by default.
-    return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
+def _precision(dtype: torch.dtype) -> str:
+    # input_precision only matters for fp32 operands.
+    return "tf32" if (dtype == torch.float32 and _allow_tf32()) else "ieee"
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
     return INTERPRET and dtype == torch.bfloat16
 
 
-def linear_act_fwd(
+def linear_act(
     input: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     activation: int,
     negative_slope: float,
-    allow_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """act(input @ weight.T + bias) for input (M, K), weight (N, K), bias (N,) or None, one
-    dtype. Returns (output (M, N), mask): uint8 (M, ceil(N / 8)) for relu / leaky relu, else
-    an empty uint8 tensor."""
+    """hpml::linear_act_triton: act(input @ weight.T + bias) for input (M, K), weight (N, K),
+    bias (N,) or None, one dtype. Returns (output (M, N), mask): uint8 (M, ceil(N / 8)) for
+    relu / leaky relu, else an empty uint8 tensor."""
+    check_args(input, weight, bias, activation, negative_slope)
     M, K = input.shape
     N = weight.shape[0]
     dev = input.device
     out = torch.empty((M, N), dtype=input.dtype, device=dev)
-    write_mask = activation in (RELU, LEAKY_RELU)
-    nb = (N + 7) // 8
+    write_mask = activation in ACT_USES_MASK
+    nb = mask_row_bytes(N)
     mask = torch.empty((M, nb) if write_mask else (0,), dtype=torch.uint8, device=dev)
     if M == 0 or N == 0:
         return out, mask
@@ -399,14 +400,14 @@ def linear_act_fwd(
         HAS_BIAS=bias is not None,
         ACT=activation,
         WRITE_MASK=write_mask,
-        PRECISION=_precision(input.dtype, allow_tf32),
+        PRECISION=_precision(input.dtype),
         DOT_FP32=_dot_fp32(input.dtype),
-        ACC=_acc(input.dtype),
+        ACC=tl_acc_dtype(input.dtype),
     )
     return out, mask
 
 
-def linear_act_bwd(
+def linear_act_backward(
     grad: torch.Tensor,
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -417,26 +418,26 @@ def linear_act_bwd(
     input_grad: bool,
     weight_grad: bool,
     bias_grad: bool,
-    allow_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_input (M, K), grad_weight (N, K), grad_bias (N,)), each an empty tensor when not
-    asked for; dZ is never materialised."""
+    """hpml::linear_act_backward_triton: (grad_input (M, K), grad_weight (N, K), grad_bias (N,)),
+    each an empty tensor when not asked for; dZ is never materialised."""
+    check_backward_args(grad, input, weight, output, mask, activation)
     M, K = input.shape
     N = weight.shape[0]
     dev, dt = input.device, input.dtype
     dx = torch.empty((M, K) if input_grad else (0,), dtype=dt, device=dev)
     dw = torch.empty((N, K) if weight_grad else (0,), dtype=dt, device=dev)
     db = torch.empty((N,) if bias_grad else (0,), dtype=dt, device=dev)
-    y = output.contiguous() if activation in (SIGMOID, TANH) else grad
-    msk = mask if activation in (RELU, LEAKY_RELU) else grad
-    if dt == torch.float64 and activation in (RELU, LEAKY_RELU):
+    y = output.contiguous() if activation in ACT_USES_OUTPUT else grad
+    msk = mask if activation in ACT_USES_MASK else grad
+    if dt == torch.float64 and activation in ACT_USES_MASK:
         # Triton 3.8 cannot lower an 8/16-bit load next to an fp64 dot (gpu-build-check:
         # ConvertTritonGPUToLLVM fails); the mask bytes go in as int32, 4 bytes per 8 elements.
         msk = mask.to(torch.int32)
     common = dict(
-        ACT=activation, PRECISION=_precision(dt, allow_tf32), DOT_FP32=_dot_fp32(dt), ACC=_acc(dt)
+        ACT=activation, PRECISION=_precision(dt), DOT_FP32=_dot_fp32(dt), ACC=tl_acc_dtype(dt)
     )
-    nb = (N + 7) // 8
+    nb = mask_row_bytes(N)
     if input_grad and M * K > 0:
         if N == 0:
             dx.zero_()
@@ -516,7 +517,7 @@ def aot_specs() -> list[dict]:
         if dt == "fp64":
             blocks = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
         warps = 8 if blocks["BLOCK_M"] == 128 else 4
-        mask_t = "*i32" if dt == "fp64" else "*u8"  # as linear_act_bwd passes it
+        mask_t = "*i32" if dt == "fp64" else "*u8"  # as linear_act_backward passes it
         common = dict(PRECISION="ieee", DOT_FP32=False, ACC=acc, **blocks)
         ints = {"M": "i32", "N": "i32", "K": "i32", "mask_row_bytes": "i32", "slope": "fp32"}
         for act, bias in ((RELU, True), (TANH, False)):

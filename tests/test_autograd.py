@@ -76,8 +76,7 @@ def test_cpp_ops_carry_their_formula_in_cpp(op):
     assert len(autograd) == 1 and "csrc/autograd.cpp" in autograd[0], dump
     # The public function calls the op itself (no Python autograd.Function around it).
     assert (
-        importlib.import_module(f"hpml_ops.ops.{op}")._CALL["cpp"]
-        is getattr(torch.ops.hpml, op).default
+        importlib.import_module(f"hpml_ops.ops.{op}").OP.cpp is getattr(torch.ops.hpml, op).default
     )
 
 

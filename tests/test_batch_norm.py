@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import hpml_ops
-from hpml_ops.ops.batch_norm import _OPS
+from hpml_ops.ops.batch_norm import OP
 from tests.helpers import DEVICE, DTYPES, TOL, backend_params, check_against_oracle, dtype_id
 
 pytestmark = pytest.mark.usefixtures("poisoned")
@@ -194,7 +194,7 @@ def test_gradcheck(backend, training):
 
 @pytest.mark.parametrize("backend", backend_params(include_reference=False, op="batch_norm"))
 def test_opcheck(backend):
-    fwd, bwd = _OPS[backend]
+    fwd, bwd = OP.pair(backend)
     for training in (True, False):
         for act in (0, 1):
             for shape, cl in (((6, 4), False), ((3, 4, 5, 2), True)):

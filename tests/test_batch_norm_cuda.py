@@ -440,7 +440,7 @@ def test_bad_inputs():
         _fwd(torch.randn(1, 3, device="cuda"), None, None, None, None, True, 0)
     with pytest.raises(RuntimeError, match="weight should contain 3 elements"):
         _fwd(x, w[:2], b, rm, rv, True, 0)
-    with pytest.raises(RuntimeError, match="Expected weight on"):
+    with pytest.raises(RuntimeError, match="expected weight on"):
         _fwd(x, w.cpu(), b, rm, rv, True, 0)
     with pytest.raises(RuntimeError, match="floating-point input"):
         _fwd(x.int(), None, None, None, None, True, 0)

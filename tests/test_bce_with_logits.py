@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import hpml_ops
-from hpml_ops.ops.bce_with_logits import _OPS
+from hpml_ops.ops.bce_with_logits import OP
 from tests.helpers import (
     DEVICE,
     DTYPES,
@@ -225,7 +225,7 @@ def _opcheck_samples():
 
 @pytest.mark.parametrize("backend", backend_params(include_reference=False))
 def test_opcheck(backend):
-    fwd, bwd = _OPS[backend]
+    fwd, bwd = OP.pair(backend)
     for x, y, w, pw, red in _opcheck_samples():
         torch.library.opcheck(fwd, (x.requires_grad_(), y, w, pw, red))
         grad = torch.randn(x.shape if red == 0 else (), device=DEVICE)
@@ -335,7 +335,7 @@ def test_bad_inputs(backend):
 def test_bad_inputs_direct_op_call(backend):
     """The registered ops check their own arguments: a direct torch.ops call with bad input gets
     an error, not a crash."""
-    fwd, _ = _OPS[backend]
+    fwd, _ = OP.pair(backend)
     x = torch.randn(4, 3, device=DEVICE)
     with pytest.raises((RuntimeError, ValueError), match="Target size|must be the same"):
         fwd(x, torch.rand(3, 3, device=DEVICE), None, None, 1)
@@ -387,7 +387,7 @@ def test_autocast_runs_in_fp32(backend):
         with hpml_ops.use_backend(backend):
             ours = hpml_ops.binary_cross_entropy_with_logits(logits, y)
             # The registered op alone follows the same policy.
-            fwd, _ = _OPS[backend]
+            fwd, _ = OP.pair(backend)
             direct = fwd(logits, y.to(amp), None, None, 1)
     assert ours.dtype == ref.dtype == torch.float32
     assert direct.dtype == torch.float32

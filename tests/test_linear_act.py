@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import hpml_ops
-from hpml_ops.ops.linear_act import _OPS, ACTIVATIONS
+from hpml_ops.constants import ACTIVATIONS
+from hpml_ops.ops.linear_act import OP
 from tests.helpers import DEVICE, DTYPES, backend_params, check_against_oracle, dtype_id
 
 pytestmark = pytest.mark.usefixtures("poisoned")
@@ -187,7 +188,7 @@ def test_saved_for_backward(backend, activation, n):
     pre-activation or the output; sigmoid keeps the output; 'none' keeps neither."""
     m, k = 13, 9
     x, w, b = _make((m, k), n, torch.float32, 8)
-    fwd, _ = _OPS[backend]
+    fwd, _ = OP.pair(backend)
     out, mask = fwd(x, w, b, ACTIVATIONS[activation], 0.01)
     if activation in ("relu", "leaky_relu"):
         assert mask.dtype == torch.uint8 and mask.shape == (m, (n + 7) // 8)
@@ -234,7 +235,7 @@ def test_gradcheck(backend, activation):
 
 @pytest.mark.parametrize("backend", backend_params(include_reference=False))
 def test_opcheck(backend):
-    fwd, bwd = _OPS[backend]
+    fwd, bwd = OP.pair(backend)
     for act in ACTIVATIONS.values():
         for bias in (True, False):
             x, w, b = _make((6, 5), 11, torch.float32, act, bias)
@@ -310,7 +311,7 @@ def test_bad_inputs(backend):
 
 @pytest.mark.parametrize("backend", backend_params(include_reference=False))
 def test_bad_inputs_direct_op_call(backend):
-    fwd, bwd = _OPS[backend]
+    fwd, bwd = OP.pair(backend)
     x, w, _ = _make((4, 5), 3, torch.float32, 1)
     with pytest.raises(RuntimeError, match="in_features"):
         fwd(x, torch.randn(3, 6, device=DEVICE), None, 1, 0.0)
@@ -355,7 +356,7 @@ def test_autocast(backend):
     follows the same policy when called directly."""
     amp = torch.bfloat16 if DEVICE == "cpu" else torch.float16
     x, w, b = _make((8, 6), 5, torch.float32, 3)
-    fwd, _ = _OPS[backend]
+    fwd, _ = OP.pair(backend)
     with torch.autocast(DEVICE, dtype=amp), hpml_ops.use_backend(backend):
         ours = hpml_ops.linear_act(x, w, b, "relu")
         ref = torch.relu(torch.nn.functional.linear(x, w, b))

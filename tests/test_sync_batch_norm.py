@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import hpml_ops
-from hpml_ops.ops.batch_norm import SYNC_OPS
+from hpml_ops.ops.batch_norm import OP
 from tests import _sync_bn_worker as worker
 from tests.helpers import DEVICE, TOL, backend_params
 
@@ -45,7 +45,7 @@ SHAPES = [((37, 5), False), ((2, 3, 7, 9), False), ((5, 4, 3, 3), True), ((3, 1,
 def test_sync_ops_match_float64(backend, dtype, shape, cl, act):
     """stats = (mean, biased var); reduce = (sum dz, sum dz (x - mean)); elemt with this batch's
     own sums = the training gradient of F.batch_norm (+ ReLU), all against float64 torch."""
-    fwd, stats_op, reduce_op, elemt_op = SYNC_OPS[backend]
+    fwd, _, stats_op, reduce_op, elemt_op = OP.ops[backend].values()
     g = torch.Generator().manual_seed(hash((shape, cl, act)) % 2**31)
     x = (torch.randn(shape, generator=g) * 3 + 5).to(dtype)
     dy = torch.randn(shape, generator=g).to(dtype)
@@ -91,7 +91,7 @@ def test_sync_ops_match_float64(backend, dtype, shape, cl, act):
 
 @pytest.mark.parametrize("backend", backend_params(include_reference=False, op="batch_norm"))
 def test_sync_ops_opcheck_and_empty(backend):
-    fwd, stats_op, reduce_op, elemt_op = SYNC_OPS[backend]
+    fwd, _, stats_op, reduce_op, elemt_op = OP.ops[backend].values()
     for shape, cl in (((6, 4), False), ((3, 4, 5, 2), True)):
         x = torch.randn(shape)
         if cl:

@@ -27,15 +27,13 @@ os.environ["TRITON_INTERPRET"] = "0"
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
+from hpml_ops.ops.schema import FAMILIES  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "gpu_check"
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-# Every Triton kernel module; each exposes aot_specs().
-TRITON_MODULES = [
-    "hpml_ops.kernels.bce_with_logits",
-    "hpml_ops.kernels.linear_act",
-    "hpml_ops.kernels.batch_norm",
-]
+# Every op family's Triton kernel module (hpml_ops/ops/schema.py); each exposes aot_specs().
+TRITON_MODULES = [f"hpml_ops.kernels.{family}" for family in FAMILIES]
 SPILL_RE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(@!?U?P\d+\s+)?(STL|LDL)\b", re.M)
 
 

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "batch_norm.h"
+#include "common.cuh"
 #include "hpml_math.h"
 
 namespace hpml {
@@ -56,23 +57,9 @@ constexpr int kMergeStripes = 32;
 template <bool BWD>
 constexpr int kItems = BWD ? 2 : 4;
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <int VEC, typename T>
-__device__ __forceinline__ Pack<T, VEC> load_pack(const T* __restrict__ p, int64_t off) {
-  return *reinterpret_cast<const Pack<T, VEC>*>(p + off);
-}
-
-template <int VEC, typename T, typename acc_t>
-__device__ __forceinline__ void store_pack(T* __restrict__ p, int64_t off, const acc_t (&v)[VEC]) {
-  Pack<T, VEC> pk;
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) pk.v[k] = static_cast<T>(v[k]);
-  *reinterpret_cast<Pack<T, VEC>*>(p + off) = pk;
-}
+using gpu::load_pack;
+using gpu::Pack;
+using gpu::store_pack;
 
 // A per-channel vector argument (weight, bias, running statistics, mean, invstd, sums) of any
 // floating dtype and stride, read as double. Kernels round it to acc_t where the CPU code converts
@@ -204,11 +191,11 @@ FastDiv make_fastdiv(int64_t divisor) {
 // or a row (rows).
 template <typename scalar_t>
 int pick_vec(const Walk& w, std::initializer_list<const void*> ptrs) {
-  constexpr int V = 16 / sizeof(scalar_t);
+  constexpr int V = gpu::kVec16<scalar_t>;
   const int64_t run = w.rows ? w.ncols() : w.inner;
   if (run % V != 0) return 1;
   for (const void* p : ptrs)
-    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
+    if (p != nullptr && !gpu::aligned16(p)) return 1;
   return V;
 }
 
@@ -258,31 +245,6 @@ __device__ __forceinline__ acc_t apply_one(const Coef<acc_t>& k, acc_t x, acc_t 
   } else {
     const acc_t v = bn_normalize(x, k.v[0], k.v[1], k.v[2]);
     return relu ? math::activate<math::Act::Relu>(v, acc_t(0)) : v;
-  }
-}
-
-// Sums a and b over the 256 threads of a 1-D block: warp shuffles, then the warps' sums in
-// shared memory, in a fixed order. The result is in thread 0.
-template <typename T>
-__device__ __forceinline__ void block_sum2(T& a, T& b) {
-  __shared__ T sh[2][kThreads / 32];
-  for (int o = 16; o > 0; o >>= 1) {
-    a += __shfl_down_sync(0xffffffffu, a, o);
-    b += __shfl_down_sync(0xffffffffu, b, o);
-  }
-  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-  if (lane == 0) {
-    sh[0][wid] = a;
-    sh[1][wid] = b;
-  }
-  __syncthreads();
-  if (wid == 0) {
-    a = lane < kThreads / 32 ? sh[0][lane] : T(0);
-    b = lane < kThreads / 32 ? sh[1][lane] : T(0);
-    for (int o = kThreads / 64; o > 0; o >>= 1) {
-      a += __shfl_down_sync(0xffffffffu, a, o);
-      b += __shfl_down_sync(0xffffffffu, b, o);
-    }
   }
 }
 
@@ -386,10 +348,11 @@ __global__ void __launch_bounds__(kThreads) bn_reduce_planes_kernel(const Reduce
       }
     }
   }
-  block_sum2(sa, sb);
+  acc_t sums[2] = {sa, sb};
+  gpu::block_sum<kThreads>(sums);
   if (threadIdx.x == 0) {
-    a.pa[k * a.ncols + c] = sa;
-    a.pb[k * a.ncols + c] = sb;
+    a.pa[k * a.ncols + c] = sums[0];
+    a.pb[k * a.ncols + c] = sums[1];
   }
 }
 
@@ -505,21 +468,14 @@ Partials<at::opmath_type<scalar_t>> reduce(const Walk& w, ReduceArgs<scalar_t> a
   a.pb = a.pa + p.nchunks * p.ncols;
   p.pa = a.pa;
   p.pb = a.pb;
-  constexpr int V = 16 / sizeof(scalar_t);
-  if (w.rows) {
-    if (vec == V) {
-      bn_reduce_rows_kernel<scalar_t, V, GRAD><<<grid, block, 0, stream>>>(a);
+  gpu::dispatch_vec<gpu::kVec16<scalar_t>>(vec > 1, [&](auto v) {
+    constexpr int V = decltype(v)::value;
+    if (w.rows) {
+      gpu::launch(bn_reduce_rows_kernel<scalar_t, V, GRAD>, grid, block, 0, stream, a);
     } else {
-      bn_reduce_rows_kernel<scalar_t, 1, GRAD><<<grid, block, 0, stream>>>(a);
+      gpu::launch(bn_reduce_planes_kernel<scalar_t, V, GRAD>, grid, block, 0, stream, a);
     }
-  } else {
-    if (vec == V) {
-      bn_reduce_planes_kernel<scalar_t, V, GRAD><<<grid, block, 0, stream>>>(a);
-    } else {
-      bn_reduce_planes_kernel<scalar_t, 1, GRAD><<<grid, block, 0, stream>>>(a);
-    }
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   return p;
 }
 
@@ -807,7 +763,7 @@ __global__ void __launch_bounds__(kThreads) bn_apply_rows_kernel(const ApplyArgs
 template <typename scalar_t, bool BWD>
 void apply(const Walk& w, ApplyArgs<scalar_t> a, cudaStream_t stream) {
   constexpr int ITEMS = kItems<BWD>;
-  constexpr int V = 16 / sizeof(scalar_t);
+  constexpr int V = gpu::kVec16<scalar_t>;
   const int vec = pick_vec<scalar_t>(w, {a.x, a.dy, a.y, a.out});
   a.outer = w.outer;
   a.C = w.C;
@@ -822,24 +778,21 @@ void apply(const Walk& w, ApplyArgs<scalar_t> a, cudaStream_t stream) {
     const dim3 grid(static_cast<unsigned>(ceil_div(a.ncols, width)),
                     static_cast<unsigned>(std::min(ceil_div(w.outer, int64_t(t.ty) * ITEMS), kMaxGridY)));
     const dim3 block(t.tx, t.ty);
-    if (vec == V) {
-      bn_apply_rows_kernel<scalar_t, V, BWD><<<grid, block, 0, stream>>>(a);
-    } else {
-      bn_apply_rows_kernel<scalar_t, 1, BWD><<<grid, block, 0, stream>>>(a);
-    }
+    gpu::dispatch_vec<V>(vec > 1, [&](auto v) {
+      gpu::launch(bn_apply_rows_kernel<scalar_t, decltype(v)::value, BWD>, grid, block, 0,
+                   stream, a);
+    });
   } else {
     const int64_t step = int64_t(kThreads) * vec;
     a.step_i = step % w.inner;
     a.step_c = (step / w.inner) % w.C;
     const int64_t blocks = ceil_div(a.numel, step * ITEMS);
     TORCH_CHECK(blocks < (int64_t(1) << 31), "hpml::batch_norm: input too large");
-    if (vec == V) {
-      bn_apply_planes_kernel<scalar_t, V, BWD><<<blocks, kThreads, 0, stream>>>(a);
-    } else {
-      bn_apply_planes_kernel<scalar_t, 1, BWD><<<blocks, kThreads, 0, stream>>>(a);
-    }
+    gpu::dispatch_vec<V>(vec > 1, [&](auto v) {
+      gpu::launch(bn_apply_planes_kernel<scalar_t, decltype(v)::value, BWD>,
+                   static_cast<unsigned>(blocks), kThreads, 0, stream, a);
+    });
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---- the ops --------------------------------------------------------------------------------------
@@ -855,7 +808,7 @@ at::Tensor empty_layout(const BnLayout& l) {
 }
 
 at::TensorOptions acc_options(const at::Tensor& input) {
-  return input.options().dtype(input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  return input.options().dtype(acc_scalar_type(input.scalar_type()));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_cuda(
@@ -901,14 +854,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_cuda(
         f.invstd_out = invstd.mutable_data_ptr<acc_t>();
         f.var_out = training ? var.mutable_data_ptr<acc_t>() : nullptr;
         f.coef = apply_pass ? coef.mutable_data_ptr<acc_t>() : nullptr;
-        bn_forward_finalize_kernel<scalar_t><<<finalize_grid(C), finalize_block(), 0, stream>>>(f);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        gpu::launch(bn_forward_finalize_kernel<scalar_t>, finalize_grid(C), finalize_block(), 0,
+                    stream, f);
         if (apply_pass) {
           ApplyArgs<scalar_t> ap;
           ap.x = l.x.const_data_ptr<scalar_t>();
           ap.out = out.mutable_data_ptr<scalar_t>();
           ap.coef = coef.const_data_ptr<acc_t>();
-          ap.relu = activation == 1;
+          ap.relu = bn_relu(activation);
           apply<scalar_t, false>(w, ap, stream);
         }
       });
@@ -925,7 +878,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
   const BnLayout l = bn_layout(input);
   const Walk w = make_walk(l);
   const int64_t C = l.channels;
-  const bool relu = activation == 1;
+  const bool relu = bn_relu(activation);
   // grad and output in the input's layout, so that one offset addresses all three.
   const at::Tensor g = same_layout(grad, l);
   const at::Tensor y = relu ? same_layout(output, l) : at::Tensor();
@@ -965,8 +918,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
         f.dw = channel_out(dw);
         f.db = channel_out(db);
         f.coef = dx_pass ? coef.mutable_data_ptr<acc_t>() : nullptr;
-        bn_grad_finalize_kernel<acc_t><<<finalize_grid(C), finalize_block(), 0, stream>>>(f);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        gpu::launch(bn_grad_finalize_kernel<acc_t>, finalize_grid(C), finalize_block(), 0,
+                    stream, f);
         if (dx_pass) {
           ApplyArgs<scalar_t> ap;
           ap.x = training ? l.x.const_data_ptr<scalar_t>() : nullptr;
@@ -983,7 +936,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input) {
-  check_bn_input(input, 0);
+  check_bn_input("hpml::batch_norm_stats", input, 0);
   const c10::cuda::CUDAGuard guard(input.device());
   const BnLayout l = bn_layout(input);
   const Walk w = make_walk(l);
@@ -1008,8 +961,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input
         f.training = true;
         f.mean_out = mean.mutable_data_ptr<acc_t>();
         f.bvar_out = var.mutable_data_ptr<acc_t>();
-        bn_forward_finalize_kernel<scalar_t><<<finalize_grid(C), finalize_block(), 0, stream>>>(f);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        gpu::launch(bn_forward_finalize_kernel<scalar_t>, finalize_grid(C), finalize_block(), 0,
+                    stream, f);
       });
   return {mean, var};
 }
@@ -1025,7 +978,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Ten
   const BnLayout l = bn_layout(input);
   const Walk w = make_walk(l);
   const int64_t C = l.channels;
-  const bool relu = activation == 1;
+  const bool relu = bn_relu(activation);
   const at::Tensor g = same_layout(grad, l);
   const at::Tensor y = relu ? same_layout(output, l) : at::Tensor();
   const auto acc_opts = acc_options(input);
@@ -1052,8 +1005,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Ten
         f.from_partials = true;
         f.sdz_out = sdz.mutable_data_ptr<acc_t>();
         f.sdz_xmu_out = sdzx.mutable_data_ptr<acc_t>();
-        bn_grad_finalize_kernel<acc_t><<<finalize_grid(C), finalize_block(), 0, stream>>>(f);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        gpu::launch(bn_grad_finalize_kernel<acc_t>, finalize_grid(C), finalize_block(), 0,
+                    stream, f);
       });
   return {sdz, sdzx};
 }
@@ -1070,7 +1023,7 @@ at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad, const at::Tens
   const BnLayout l = bn_layout(input);
   const Walk w = make_walk(l);
   const int64_t C = l.channels;
-  const bool relu = activation == 1;
+  const bool relu = bn_relu(activation);
   const at::Tensor g = same_layout(grad, l);
   const at::Tensor y = relu ? same_layout(output, l) : at::Tensor();
   at::Tensor dx = empty_layout(l);
@@ -1096,8 +1049,8 @@ at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad, const at::Tens
         f.invstd = ia.in;
         f.weight = wa.in;
         f.coef = coef.mutable_data_ptr<acc_t>();
-        bn_grad_finalize_kernel<acc_t><<<finalize_grid(C), finalize_block(), 0, stream>>>(f);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        gpu::launch(bn_grad_finalize_kernel<acc_t>, finalize_grid(C), finalize_block(), 0,
+                    stream, f);
         ApplyArgs<scalar_t> ap;
         ap.x = l.x.const_data_ptr<scalar_t>();
         ap.dy = g.const_data_ptr<scalar_t>();
@@ -1113,12 +1066,6 @@ at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hpml, CUDA, m) {
-  m.impl("batch_norm", &batch_norm_cuda);
-  m.impl("batch_norm_backward", &batch_norm_backward_cuda);
-  m.impl("batch_norm_stats", &batch_norm_stats_cuda);
-  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cuda);
-  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt_cuda);
-}
+HPML_REGISTER_KERNELS(batch_norm, CUDA, _cuda)
 
 }  // namespace hpml

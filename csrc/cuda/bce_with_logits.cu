@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "bce_with_logits.h"
+#include "common.cuh"
 #include "hpml_math.h"
 
 namespace hpml {
@@ -21,10 +22,7 @@ constexpr int kThreads = 256;
 // the reduction order, hence the bits, are the same on every GPU.
 constexpr int64_t kBlockElems = 8192;
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
+using gpu::Pack;
 
 // A broadcast operand read as data[(i / inner) % period]. Kernels with VEC > 1 are launched only
 // when every operand is full (data[i]); the index arithmetic lives in the VEC == 1 kernels.
@@ -92,20 +90,6 @@ __device__ __forceinline__ void store_pack(T* __restrict__ p, int64_t base, int6
   }
 }
 
-template <typename T>
-__device__ __forceinline__ T block_sum(T v) {
-  __shared__ T warp_sums[32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-  if (lane == 0) warp_sums[wid] = v;
-  __syncthreads();
-  v = threadIdx.x < (blockDim.x >> 5) ? warp_sums[lane] : T(0);
-  if (wid == 0) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  }
-  return v;  // valid in thread 0
-}
-
 template <typename scalar_t, int VEC, bool HAS_W, bool HAS_PW>
 __global__ void __launch_bounds__(kThreads)
     bce_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
@@ -136,22 +120,25 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (partials != nullptr) {
-    acc = block_sum(acc);
-    if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+    acc_t sum[1] = {acc};
+    gpu::block_sum<kThreads>(sum);
+    if (threadIdx.x == 0) partials[blockIdx.x] = sum[0];
   }
 }
 
 // Sums the partials in a fixed order (strided per thread, then the block tree) into out[0].
+constexpr int kSumThreads = 1024;
+
 template <typename scalar_t>
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(kSumThreads)
     bce_sum_partials_kernel(const at::opmath_type<scalar_t>* __restrict__ partials,
                             int64_t nparts, scalar_t* __restrict__ out, int64_t divisor) {
   using acc_t = at::opmath_type<scalar_t>;
-  acc_t acc = 0;
-  for (int64_t i = threadIdx.x; i < nparts; i += blockDim.x) acc += partials[i];
-  acc = block_sum(acc);
+  acc_t acc[1] = {0};
+  for (int64_t i = threadIdx.x; i < nparts; i += kSumThreads) acc[0] += partials[i];
+  gpu::block_sum<kSumThreads>(acc);
   if (threadIdx.x == 0) {
-    out[0] = static_cast<scalar_t>(divisor > 0 ? acc / static_cast<acc_t>(divisor) : acc);
+    out[0] = static_cast<scalar_t>(divisor > 0 ? acc[0] / static_cast<acc_t>(divisor) : acc[0]);
   }
 }
 
@@ -197,7 +184,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+using gpu::aligned16;
 
 // 16-byte packs need every pointer aligned and every broadcast operand full.
 template <typename T>
@@ -236,26 +223,21 @@ at::Tensor bce_with_logits_cuda(const at::Tensor& input, const at::Tensor& targe
         const scalar_t* y = a.y.const_data_ptr<scalar_t>();
         scalar_t* o = reduce ? nullptr : out.mutable_data_ptr<scalar_t>();
         acc_t* part = reduce ? partials.mutable_data_ptr<acc_t>() : nullptr;
-        constexpr int kVec = 16 / sizeof(scalar_t);
+        constexpr int kVec = gpu::kVec16<scalar_t>;
         dispatch_bool(a.w.has_value(), [&](auto has_w) {
           dispatch_bool(a.pw.has_value(), [&](auto has_pw) {
             constexpr bool HW = decltype(has_w)::value, HP = decltype(has_pw)::value;
             const auto wp = bcast_ptr<scalar_t>(a.w, n), pwp = bcast_ptr<scalar_t>(a.pw, n);
-            if (can_vectorize({x, y, o}, wp, pwp)) {
-              bce_fwd_kernel<scalar_t, kVec, HW, HP>
-                  <<<nblocks, kThreads, 0, stream>>>(x, y, wp, pwp, o, part, n);
-            } else {
-              bce_fwd_kernel<scalar_t, 1, HW, HP>
-                  <<<nblocks, kThreads, 0, stream>>>(x, y, wp, pwp, o, part, n);
-            }
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            gpu::dispatch_vec<kVec>(can_vectorize({x, y, o}, wp, pwp), [&](auto vec) {
+              gpu::launch(bce_fwd_kernel<scalar_t, decltype(vec)::value, HW, HP>, nblocks,
+                           kThreads, 0, stream, x, y, wp, pwp, o, part, n);
+            });
           });
         });
         if (reduce) {
-          bce_sum_partials_kernel<scalar_t><<<1, 1024, 0, stream>>>(
-              part, nblocks, out.mutable_data_ptr<scalar_t>(),
-              reduction == at::Reduction::Mean ? n : 0);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          gpu::launch(bce_sum_partials_kernel<scalar_t>, 1, kSumThreads, 0, stream, part, nblocks,
+                       out.mutable_data_ptr<scalar_t>(),
+                       reduction == at::Reduction::Mean ? n : int64_t(0));
         }
       });
   return out;
@@ -278,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cuda(
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, a.x.scalar_type(), "hpml::bce_with_logits_backward (CUDA)", [&] {
-        constexpr int kVec = 16 / sizeof(scalar_t);
+        constexpr int kVec = gpu::kVec16<scalar_t>;
         const scalar_t* gp = g.const_data_ptr<scalar_t>();
         const scalar_t* x = a.x.const_data_ptr<scalar_t>();
         const scalar_t* y = a.y.const_data_ptr<scalar_t>();
@@ -292,17 +274,14 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cuda(
                              GE = decltype(grad_elemwise)::value;
               const auto wp = bcast_ptr<scalar_t>(a.w, n), pwp = bcast_ptr<scalar_t>(a.pw, n);
               const bool vec = can_vectorize({x, y, gxp, gyp, GE ? gp : nullptr}, wp, pwp);
-              const int64_t per_block = int64_t(kThreads) * (vec ? kVec : 1);
-              const int64_t blocks =
-                  std::min<int64_t>((n + per_block - 1) / per_block, int64_t(sms) * 16);
-              if (vec) {
-                bce_bwd_kernel<scalar_t, kVec, HW, HP, GE><<<blocks, kThreads, 0, stream>>>(
-                    gp, mean_div, x, y, wp, pwp, gxp, gyp, n);
-              } else {
-                bce_bwd_kernel<scalar_t, 1, HW, HP, GE><<<blocks, kThreads, 0, stream>>>(
-                    gp, mean_div, x, y, wp, pwp, gxp, gyp, n);
-              }
-              C10_CUDA_KERNEL_LAUNCH_CHECK();
+              gpu::dispatch_vec<kVec>(vec, [&](auto v) {
+                constexpr int V = decltype(v)::value;
+                const int64_t per_block = int64_t(kThreads) * V;
+                const int64_t blocks =
+                    std::min<int64_t>((n + per_block - 1) / per_block, int64_t(sms) * 16);
+                gpu::launch(bce_bwd_kernel<scalar_t, V, HW, HP, GE>, blocks, kThreads, 0, stream,
+                             gp, mean_div, x, y, wp, pwp, gxp, gyp, n);
+              });
             });
           });
         });
@@ -312,9 +291,6 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hpml, CUDA, m) {
-  m.impl("bce_with_logits", &bce_with_logits_cuda);
-  m.impl("bce_with_logits_backward", &bce_with_logits_backward_cuda);
-}
+HPML_REGISTER_KERNELS(bce_with_logits, CUDA, _cuda)
 
 }  // namespace hpml

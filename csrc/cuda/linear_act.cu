@@ -18,48 +18,40 @@
 #include <mma.h>
 #include <torch/library.h>
 
+#include "common.cuh"
 #include "linear_act.h"
 
 namespace hpml {
 namespace {
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
+using gpu::Pack;
 
 template <typename T>
-constexpr int kVec = 16 / sizeof(T);
+constexpr int kVec = gpu::kVec16<T>;
 
 // ---- operand sources: element (r, c) of a tile's global coordinates --------------------------
 
-// src[r * ld + c], contiguous along c.
-template <typename T>
-struct RowMajor {
-  static constexpr bool kContigCols = true;
+// Element (r, c) of a plain operand: src[r * ld + c] (row-major, contiguous along c) or, for
+// COL_MAJOR, src[c * ld + r] (contiguous along r).
+template <typename T, bool COL_MAJOR>
+struct Strided {
+  static constexpr bool kContigCols = !COL_MAJOR;
   static constexpr int kPack = kVec<T>;
   const T* p;
   int64_t ld;
   bool vec;  // 16-byte packs allowed: p aligned and ld a multiple of the pack
-  __device__ __forceinline__ T get(int64_t r, int64_t c) const { return p[r * ld + c]; }
+  __device__ __forceinline__ int64_t offset(int64_t r, int64_t c) const {
+    return COL_MAJOR ? c * ld + r : r * ld + c;
+  }
+  __device__ __forceinline__ T get(int64_t r, int64_t c) const { return p[offset(r, c)]; }
   __device__ __forceinline__ Pack<T, kPack> pack(int64_t r, int64_t c) const {
-    return *reinterpret_cast<const Pack<T, kPack>*>(p + r * ld + c);
+    return *reinterpret_cast<const Pack<T, kPack>*>(p + offset(r, c));
   }
 };
-
-// src[c * ld + r], contiguous along r.
 template <typename T>
-struct ColMajor {
-  static constexpr bool kContigCols = false;
-  static constexpr int kPack = kVec<T>;
-  const T* p;
-  int64_t ld;
-  bool vec;
-  __device__ __forceinline__ T get(int64_t r, int64_t c) const { return p[c * ld + r]; }
-  __device__ __forceinline__ Pack<T, kPack> pack(int64_t r, int64_t c) const {
-    return *reinterpret_cast<const Pack<T, kPack>*>(p + c * ld + r);
-  }
-};
+using RowMajor = Strided<T, false>;
+template <typename T>
+using ColMajor = Strided<T, true>;
 
 // dZ[m, n] = dY[m, n] * act'(.), from dY and the mask (relu, leaky relu) or the output.
 template <typename T, Act A>
@@ -85,25 +77,18 @@ struct Dz {
   }
 };
 
-// A tile of dZ, rows = m, columns = n (the dX product): contiguous along columns.
-template <typename T, Act A>
-struct DzRows {
-  static constexpr bool kContigCols = true;
+// A tile of dZ, formed from dY while it is loaded: rows m, columns n (the dX product,
+// contiguous along columns) or, TRANSPOSED, dZ^T with rows n, columns m (the dW product,
+// contiguous along rows).
+template <typename T, Act A, bool TRANSPOSED>
+struct DzTile {
+  static constexpr bool kContigCols = !TRANSPOSED;
   static constexpr int kPack = 1;
   Dz<T, A> dz;
   bool vec = false;
-  __device__ __forceinline__ T get(int64_t r, int64_t c) const { return T(dz.value(r, c)); }
-  __device__ __forceinline__ Pack<T, 1> pack(int64_t r, int64_t c) const { return {get(r, c)}; }
-};
-
-// A tile of dZ^T, rows = n, columns = m (the dW product): contiguous along rows.
-template <typename T, Act A>
-struct DzCols {
-  static constexpr bool kContigCols = false;
-  static constexpr int kPack = 1;
-  Dz<T, A> dz;
-  bool vec = false;
-  __device__ __forceinline__ T get(int64_t r, int64_t c) const { return T(dz.value(c, r)); }
+  __device__ __forceinline__ T get(int64_t r, int64_t c) const {
+    return T(TRANSPOSED ? dz.value(c, r) : dz.value(r, c));
+  }
   __device__ __forceinline__ Pack<T, 1> pack(int64_t r, int64_t c) const { return {get(r, c)}; }
 };
 
@@ -357,12 +342,11 @@ void launch_gemm(const ASrc& a, const BSrc& b, const Epi& epi, int64_t M, int64_
   using C = Cfg<T>;
   const int64_t gx = (N + C::BN - 1) / C::BN, gy = (M + C::BM - 1) / C::BM;
   TORCH_CHECK(gy < 65536, "hpml::linear_act: too many rows for one launch (", M, ")");
-  gemm_kernel<T><<<dim3(gx, gy), C::THREADS, 0, at::cuda::getCurrentCUDAStream()>>>(a, b, epi,
-                                                                                   M, N, K);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  gpu::launch(gemm_kernel<T, ASrc, BSrc, Epi>, dim3(gx, gy), C::THREADS, 0,
+              at::cuda::getCurrentCUDAStream(), a, b, epi, M, N, K);
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+using gpu::aligned16;
 
 // A 2-D operand with unit stride along its last dimension (a row stride is fine).
 at::Tensor k_contiguous(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
@@ -434,7 +418,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
             // dX = dZ W: A = dZ (rows m, columns n), B = W read as (rows n, columns k).
             const at::Tensor w = k_contiguous(weight);
             launch_gemm<scalar_t>(
-                DzRows<scalar_t, A>{dz},
+                DzTile<scalar_t, A, false>{dz},
                 RowMajor<scalar_t>{w.const_data_ptr<scalar_t>(), w.stride(0), packs_ok<scalar_t>(w)},
                 StoreEpilogue<scalar_t>{dx.mutable_data_ptr<scalar_t>(), M, K, K}, M, K, N);
           }
@@ -442,15 +426,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
             // dW = dZ^T X: A = dZ^T (rows n, columns m), B = X (rows m, columns k).
             const at::Tensor x = k_contiguous(input);
             launch_gemm<scalar_t>(
-                DzCols<scalar_t, A>{dz},
+                DzTile<scalar_t, A, true>{dz},
                 RowMajor<scalar_t>{x.const_data_ptr<scalar_t>(), x.stride(0), packs_ok<scalar_t>(x)},
                 StoreEpilogue<scalar_t>{dw.mutable_data_ptr<scalar_t>(), N, K, K}, N, K, M);
           }
           if (bias_grad && N > 0) {
-            bias_grad_kernel<scalar_t, A>
-                <<<dim3((N + 31) / 32), dim3(32, 8), 0, at::cuda::getCurrentCUDAStream()>>>(
-                    dz, db.mutable_data_ptr<scalar_t>(), M, N);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            gpu::launch(bias_grad_kernel<scalar_t, A>, dim3((N + 31) / 32), dim3(32, 8), 0,
+                        at::cuda::getCurrentCUDAStream(), dz, db.mutable_data_ptr<scalar_t>(), M, N);
           }
         });
       });
@@ -459,9 +441,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hpml, CUDA, m) {
-  m.impl("linear_act", &linear_act_cuda);
-  m.impl("linear_act_backward", &linear_act_backward_cuda);
-}
+HPML_REGISTER_KERNELS(linear_act, CUDA, _cuda)
 
 }  // namespace hpml

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops.batch_norm import ACTIVATIONS, _batch_norm
+from ..constants import BN_ACTIVATIONS, activation_code
+from ..ops.batch_norm import _batch_norm
 from ._common import check_backend
 
 
@@ -18,11 +19,7 @@ class _FusedBatchNormMixin:
     backend: str | None = None
 
     def _init_activation(self, activation, backend=None):
-        if activation not in ACTIVATIONS:
-            raise ValueError(
-                f"{type(self).__name__}: activation must be None, 'none' or 'relu', got "
-                f"{activation!r}"
-            )
+        activation_code(activation, type(self).__name__, BN_ACTIVATIONS)  # ValueError if not
         self.activation = activation
         self.backend = check_backend(backend, type(self).__name__)
 

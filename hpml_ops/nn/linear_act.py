@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops.linear_act import ACTIVATIONS, _linear_act
+from ..constants import activation_code
+from ..ops.linear_act import _linear_act
 from ._common import check_backend
 
 
@@ -35,11 +36,7 @@ class FusedLinear(torch.nn.Linear):
         *,
         backend: str | None = None,
     ) -> None:
-        if activation not in ACTIVATIONS:
-            raise ValueError(
-                f"FusedLinear: activation must be one of {', '.join(map(repr, ACTIVATIONS))}, "
-                f"got {activation!r}"
-            )
+        activation_code(activation, "FusedLinear")  # a ValueError naming the choices
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.activation = activation
         self.negative_slope = negative_slope

@@ -20,7 +20,8 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _backend
-from ..ops.batch_norm import ACTIVATIONS, SYNC_OPS
+from ..constants import BN_ACTIVATIONS, acc_dtype
+from ..ops.batch_norm import OP
 from .batch_norm import _FusedBatchNormMixin
 
 _OP = "batch_norm"
@@ -62,13 +63,14 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         world_size,
         backend,
     ):
-        fwd, stats_op, reduce_op, elemt_op = SYNC_OPS[backend]
+        ops = OP.ops[backend]
+        fwd, stats_op = ops["batch_norm"], ops["batch_norm_stats"]
         c = input.shape[1]
         local_count = input.numel() // c if c else 0
         if local_count > 0:
             mean_l, var_l = stats_op(input)
         else:  # an empty batch on this process: it still takes part in the collectives
-            dt = torch.float64 if input.dtype == torch.float64 else torch.float32
+            dt = acc_dtype(input.dtype)
             mean_l = var_l = torch.zeros(c, dtype=dt, device=input.device)
         # fp64 on the wire: counts stay exact and the merge adds no rounding of its own.
         row = torch.cat(
@@ -112,7 +114,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         input, weight, out, mean, invstd = ctx.saved_tensors
-        _, _, reduce_op, elemt_op = SYNC_OPS[ctx.backend]
+        ops = OP.ops[ctx.backend]
+        reduce_op, elemt_op = ops["batch_norm_backward_reduce"], ops["batch_norm_backward_elemt"]
         sum_dz, sum_dz_xmu = reduce_op(grad, input, out, mean, ctx.activation)
         gw = gb = gx = None
         if weight is not None and ctx.needs_input_grad[1]:
@@ -218,7 +221,7 @@ class SyncBatchNorm(_FusedBatchNormMixin, _BatchNorm):
             running_var,
             self.eps,
             factor,
-            ACTIVATIONS[self.activation],
+            BN_ACTIVATIONS[self.activation],
             process_group,
             world_size,
             backend,

@@ -1,54 +1,205 @@
-"""What every op module does the same way: fake kernels, autograd and autocast registration for
-an op's backends, and the dtype rules at the public-function boundary."""
+"""One registry for every op family: from the schemas (``schema.py``) and each family's spec
+(``hpml_ops/ops/<stem>.py``) it defines the Triton ops ``hpml::<op>_triton``, registers the fake
+kernels, the forward's autograd formula and its autocast policy for every backend, and hands the
+public functions what they call. It also holds the argument checks every contract is made of, with
+the same messages as their C++ twins (``csrc/common.h``).
+
+A new op family costs: its schemas in ``schema.py``; its kernels (``kernels/<stem>.py``: a Triton
+launcher per op, named as the op; ``csrc/<stem>.{h,cpp}``, ``csrc/cuda/<stem>.cu``:
+``<op>_cpu`` / ``<op>_cuda``, registered with ``HPML_REGISTER_KERNELS``; the forward's formula in
+``csrc/autograd.cpp``); its oracle ``reference.<stem>``; and ``hpml_ops/ops/<stem>.py``: the
+contract, the fake kernels, the Triton formula, ``OP = register(OpSpec(...))`` and the public
+function.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, reference
+from .schema import SCHEMAS
 
 # Only these matter for the registrations below: others (mps, xpu) never reach our ops.
 _AUTOCAST_DEVICES = ("cpu", "cuda")
+# OpSpec.autocast: cast floating inputs (not fp64) to the current autocast dtype of their device,
+# as torch does for its matrix products.
+AUTOCAST_LOWER = "lower"
 
 
-def register_op_pair(
-    fwd,
-    bwd,
-    *,
-    fake_fwd: Callable,
-    fake_bwd: Callable,
-    setup_context: Callable,
-    backward: Callable,
-    autocast_dtype: torch.dtype | None,
-    cpp_autograd: bool = False,
-) -> Callable:
-    """Register the fake kernels of a forward/backward op pair, the forward's autograd formula
-    (``backward(ctx, grad, bwd_op=bwd)``) and, if ``autocast_dtype`` is given, the forward's
-    autocast policy (floating inputs cast to that dtype, as torch does for its own ops). Returns
-    the forward as the public functions call it.
+class OpSpec:
+    """What is particular to one op family; ``register`` does the rest. Its pieces are given as
+    decorators, next to their definitions in ``hpml_ops/ops/<stem>.py``::
 
-    ``cpp_autograd``: the op is a C++ op whose autograd formula is registered in C++
-    (csrc/autograd.cpp, the same formula as ``setup_context`` / ``backward`` here): nothing is
-    registered for autograd and the op itself is returned (an extension built before that file
-    existed gets the Python formula instead). The Triton ops get the Python formula and
-    ``_eager_caller``."""
-    torch.library.register_fake(fwd)(fake_fwd)
-    torch.library.register_fake(bwd)(fake_bwd)
-    if autocast_dtype is not None and hasattr(torch.library, "register_autocast"):
-        for dev in _AUTOCAST_DEVICES:
-            torch.library.register_autocast(fwd, dev, autocast_dtype)
-    if cpp_autograd and torch._C._dispatch_has_kernel_for_dispatch_key(
-        fwd._schema.name, "Autograd"
-    ):
+        SPEC = OpSpec("linear_act", autocast=AUTOCAST_LOWER)
+
+        @SPEC.fake("linear_act")
+        def _fake_fwd(input, weight, bias, activation, negative_slope): ...
+
+        @SPEC.setup_context
+        def _setup_context(ctx, inputs, output): ...
+
+        @SPEC.backward
+        def _backward(ctx, grad, grad_mask, *, bwd_op): ...
+
+        OP = register(SPEC)
+
+    name: the stem: the family in ``schema.py`` (its first op is the forward, its second the
+        forward's backward), ``hpml_ops.kernels.<name>`` (a Triton launcher per op, named as the
+        op), ``reference.<name>``, and the op name backends are resolved for.
+    autocast: the forward's autocast policy: ``torch.float32`` (floating inputs to fp32, as torch
+        treats its losses), ``AUTOCAST_LOWER`` (to the autocast dtype, as its matrix products)
+        or None (inputs as they come, as its batch norm).
+    fakes: op name -> fake kernel (``@SPEC.fake(op)``): the op's contract checks, then empty
+        outputs of the right shapes, dtypes and devices (``torch.compile``, ``opcheck``, meta).
+    setup_context_fn, backward_fn: the forward's autograd formula for the Triton ops
+        (``@SPEC.setup_context``, ``@SPEC.backward``: ``backward(ctx, *grads, bwd_op=<the
+        backward op>)``); the C++ ops carry the same formula in ``csrc/autograd.cpp``, and both
+        must stay in step.
+    """
+
+    def __init__(self, name: str, *, autocast: torch.dtype | str | None = None) -> None:
+        if name not in SCHEMAS:
+            raise ValueError(f"OpSpec {name!r}: no such family in hpml_ops/ops/schema.py")
+        self.name = name
+        self.autocast = autocast
+        self.fakes: dict[str, Callable] = {}
+        self.setup_context_fn: Callable | None = None
+        self.backward_fn: Callable | None = None
+
+    def fake(self, op: str) -> Callable[[Callable], Callable]:
+        if op not in SCHEMAS[self.name]:
+            raise ValueError(f"OpSpec {self.name!r}: {op!r} is not one of its ops")
+
+        def add(fn: Callable) -> Callable:
+            self.fakes[op] = fn
+            return fn
+
+        return add
+
+    def setup_context(self, fn: Callable) -> Callable:
+        self.setup_context_fn = fn
+        return fn
+
+    def backward(self, fn: Callable) -> Callable:
+        self.backward_fn = fn
+        return fn
+
+    def _check_complete(self) -> None:
+        missing = [op for op in SCHEMAS[self.name] if op not in self.fakes]
+        if missing or self.setup_context_fn is None or self.backward_fn is None:
+            raise ValueError(
+                f"OpSpec {self.name!r} is incomplete: fake kernels missing for {missing}, "
+                f"setup_context {'set' if self.setup_context_fn else 'missing'}, backward "
+                f"{'set' if self.backward_fn else 'missing'}"
+            )
+
+
+@dataclasses.dataclass
+class Op:
+    """A registered family. ``ops[backend][op name]``: the op overloads ("triton" always, "cpp"
+    when the extension has them); ``forward[backend]``: the forward as the public function calls
+    it; ``cpp``: the C++ forward (None without the extension); ``reference``: the oracle."""
+
+    spec: OpSpec
+    ops: dict[str, dict[str, torch._ops.OpOverload]]
+    forward: dict[str, Callable]
+    reference: Callable
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def cpp(self) -> Callable | None:
+        return self.forward.get("cpp")
+
+    def cpp_first(self, device: torch.device, backend: str | None) -> bool:
+        """Whether a public function calls the C++ op straight away (its cheap type checks
+        passed): the extension has the op, eager mode, and ``backend`` (None: the process-wide
+        choice) resolves to cpp on ``device``. The C++ op checks the rest and raises what the
+        Python contract would (same exception, same words): its error goes through unchanged.
+        On the small layers of a training step the Python checks cost more than the arithmetic.
+        """
+        return (
+            "cpp" in self.forward
+            and not torch.compiler.is_compiling()
+            and resolves_to_cpp(device, self.spec.name, backend)
+        )
+
+    def pair(self, backend: str) -> tuple[torch._ops.OpOverload, torch._ops.OpOverload]:
+        """``backend``'s (forward op, backward op)."""
+        fwd, bwd = list(self.ops[backend].values())[:2]
+        return fwd, bwd
+
+    def resolve(self, device: torch.device, backend: str | None) -> str:
+        return _backend.resolve(device, self.spec.name, backend)
+
+
+REGISTERED: dict[str, Op] = {}
+
+
+def register(spec: OpSpec) -> Op:
+    """Define the Triton ops of ``spec``'s family, register fake kernels for them and for the
+    C++ ops, the forward's autograd formula and autocast policy; returns the ``Op``."""
+    spec._check_complete()
+    schemas = SCHEMAS[spec.name]
+    names = list(schemas)
+    ops: dict[str, dict] = {"triton": {}}
+    for op, schema in schemas.items():
+        ops["triton"][op] = _define_triton_op(spec.name, op, schema)
+    if _backend.HAS_EXTENSION and all(hasattr(torch.ops.hpml, op) for op in names):
+        ops["cpp"] = {op: getattr(torch.ops.hpml, op).default for op in names}
+    forward = {}
+    for backend, overloads in ops.items():
+        for op, overload in overloads.items():
+            torch.library.register_fake(overload)(spec.fakes[op])
+        fwd, bwd = overloads[names[0]], overloads[names[1]]
+        forward[backend] = _register_autograd(spec, fwd, bwd, cpp=backend == "cpp")
+        _register_autocast(fwd, spec.autocast)
+    result = Op(spec, ops, forward, getattr(reference, spec.name))
+    REGISTERED[spec.name] = result
+    return result
+
+
+def _define_triton_op(family: str, op: str, schema: str):
+    """``hpml::<op>_triton`` with the C++ op's schema, implemented by
+    ``hpml_ops.kernels.<family>.<op>`` (imported on the first call: importing hpml_ops does
+    not import triton)."""
+
+    def impl(*args, **kwargs):
+        launcher = getattr(importlib.import_module(f"hpml_ops.kernels.{family}"), op)
+        return launcher(*args, **kwargs)
+
+    impl.__name__ = f"{op}_triton"
+    torch.library.custom_op(f"hpml::{op}_triton", impl, mutates_args=(), schema=schema)
+    return getattr(torch.ops.hpml, f"{op}_triton").default
+
+
+def _register_autograd(spec: OpSpec, fwd, bwd, *, cpp: bool) -> Callable:
+    """The forward's autograd formula, unless it is a C++ op whose formula is registered in C++
+    (csrc/autograd.cpp); returns the forward as the public functions call it."""
+    if cpp and torch._C._dispatch_has_kernel_for_dispatch_key(fwd._schema.name, "Autograd"):
         return fwd
     torch.library.register_autograd(
-        fwd, functools.partial(backward, bwd_op=bwd), setup_context=setup_context
+        fwd, functools.partial(spec.backward_fn, bwd_op=bwd), setup_context=spec.setup_context_fn
     )
-    return _eager_caller(fwd, bwd, setup_context, backward)
+    return _eager_caller(fwd, bwd, spec.setup_context_fn, spec.backward_fn)
+
+
+def _register_autocast(fwd, policy) -> None:
+    if policy is None:
+        return
+    if policy == AUTOCAST_LOWER:
+        _register_autocast_lower_precision(fwd)
+    elif hasattr(torch.library, "register_autocast"):
+        for dev in _AUTOCAST_DEVICES:
+            torch.library.register_autocast(fwd, dev, policy)
 
 
 def _eager_caller(fwd, bwd, setup_context: Callable, backward: Callable) -> Callable:
@@ -74,64 +225,14 @@ def _eager_caller(fwd, bwd, setup_context: Callable, backward: Callable) -> Call
             return backward(ctx, *grads, bwd_op=bwd)
 
     def call(*args):
-        if (
-            torch.compiler.is_compiling()
-            or torch.is_autocast_enabled("cpu")
-            or torch.is_autocast_enabled("cuda")
-        ):
+        if torch.compiler.is_compiling() or autocast_enabled():
             return fwd(*args)
         return _Fn.apply(*args)
 
     return call
 
 
-def resolves_to_cpp(device: torch.device, op: str, choice: str | None) -> bool:
-    """Whether ``op`` on ``device`` runs on the cpp backend under ``choice`` (an unusable choice
-    answers False: the public function's full path raises that error, after its argument
-    checks)."""
-    try:
-        return _backend.resolve(device, op, choice) == "cpp"
-    except _backend.BackendUnavailableError:
-        return False
-
-
-def autocast_to(dtype: torch.dtype, device_type: str, *tensors: Tensor | None):
-    """Cast as autocast's fp32 policy would, when autocast is on for ``device_type``: fp16/bf16
-    floating tensors to ``dtype``; fp64 and non-floating tensors unchanged."""
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    return tuple(
-        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-        for t in tensors
-    )
-
-
-def promote(*tensors: Tensor | None):
-    """Cast the tensors (None skipped) to their common dtype; the kernels take one dtype."""
-    present = [t for t in tensors if t is not None]
-    dtype = functools.reduce(torch.promote_types, (t.dtype for t in present))
-    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
-
-
-def check_device(name: str, t: Tensor, ref: Tensor, op: str) -> None:
-    if t.device != ref.device:
-        raise RuntimeError(
-            f"{op}: expected {name} on {ref.device} (the input's device), got {t.device}"
-        )
-
-
-def check_floating(name: str, t: Tensor, op: str) -> None:
-    if not t.is_floating_point():
-        raise RuntimeError(f"{op}: expected a floating-point {name}, got {t.dtype}")
-
-
-def broadcastable_to(shape: torch.Size, target: torch.Size) -> bool:
-    if len(shape) > len(target):
-        return False
-    return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target), strict=False))
-
-
-def register_autocast_lower_precision(op) -> None:
+def _register_autocast_lower_precision(op) -> None:
     """Autocast policy of torch's matrix ops for ``op``: under autocast its floating inputs (not
     fp64) are cast to the current autocast dtype of their device (``torch.get_autocast_dtype``),
     which ``torch.library.register_autocast``'s fixed dtype cannot express. Mirrors that
@@ -169,3 +270,50 @@ def _library(ns: str):
     if ns not in _LIBS:
         _LIBS[ns] = torch.library.Library(ns, "FRAGMENT")
     return _LIBS[ns]
+
+
+def resolves_to_cpp(device: torch.device, op: str, choice: str | None) -> bool:
+    """Whether ``op`` on ``device`` runs on the cpp backend under ``choice`` (an unusable choice
+    answers False: the public function's full path raises that error, after its argument
+    checks)."""
+    try:
+        return _backend.resolve(device, op, choice) == "cpp"
+    except _backend.BackendUnavailableError:
+        return False
+
+
+def autocast_enabled() -> bool:
+    """Whether autocast is on for any device our ops run on (cheaper than asking for one
+    tensor's device: ``device.type`` alone costs ~0.3 us)."""
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+
+
+def on_device(device: torch.device, *tensors) -> bool:
+    """Whether each of ``tensors`` is None or a tensor on ``device`` (a public function's
+    precondition for calling the C++ op at once: with operands on several devices the dispatcher
+    would pick one device's kernel, and the meta one returns without complaint)."""
+    for t in tensors:
+        if t is not None and not (isinstance(t, Tensor) and t.device == device):
+            return False
+    return True
+
+
+# ---- dtype rules at the public-function boundary ----------------------------------------------
+
+
+def autocast_to(dtype: torch.dtype, device_type: str, *tensors: Tensor | None):
+    """Cast as autocast's fp32 policy would, when autocast is on for ``device_type``: fp16/bf16
+    floating tensors to ``dtype``; fp64 and non-floating tensors unchanged."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )
+
+
+def promote(*tensors: Tensor | None):
+    """Cast the tensors (None skipped) to their common dtype; the kernels take one dtype."""
+    present = [t for t in tensors if t is not None]
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in present))
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)

@@ -1,247 +1,68 @@
-"""Batch normalization (+ fused ReLU): the public function, the custom ops of each backend, their
-fake kernels, autograd formula (for the Triton ops; the C++ ops carry the same formula in C++,
-csrc/autograd.cpp) and autocast policy.
+"""Batch normalization (+ fused ReLU): the argument contracts, fake kernels, Triton autograd
+formula, spec and public function.
 
-Ops: ``hpml::batch_norm[_backward]`` (C++: CPU kernels; schema in csrc/ops.cpp) and
-``hpml::batch_norm[_backward]_triton`` (kernels/batch_norm.py). The forward op is functional (an
-op that mutates its arguments cannot carry an autograd formula): it returns the output, the
-per-channel mean and inverse standard deviation it used and, in training, the unbiased batch
-variance, from which ``batch_norm`` updates the running statistics in place (two C-element ops).
-The backward reads the statistics, the input and, for ReLU, the output.
+Ops (schemas: ``schema.py``): ``hpml::batch_norm[_backward]`` (C++: CPU and CUDA kernels) and
+``hpml::batch_norm[_backward]_triton`` (``kernels/batch_norm.py``), and the pieces SyncBatchNorm
+combines with collectives (``batch_norm_stats``, ``batch_norm_backward_reduce``,
+``batch_norm_backward_elemt``). The forward op is functional (an op that mutates its arguments
+cannot carry an autograd formula): it returns the output, the per-channel mean and inverse
+standard deviation it used and, in training, the unbiased batch variance, from which
+``batch_norm`` updates the running statistics in place (two C-element ops). The backward reads
+the statistics, the input and, for ReLU, the output.
 """
 
 import torch
 from torch import Tensor
 
-from .. import _backend, reference
-from ._registry import check_device, check_floating, register_op_pair, resolves_to_cpp
+from ..constants import ACTIVATIONS, BN_ACTIVATIONS, acc_dtype, activation_code
+from . import _checks as check
+from ._registry import OpSpec, on_device, register
 
 _OP = "batch_norm"
-ACTIVATIONS = {None: 0, "none": 0, "relu": 1}
+_RELU = ACTIVATIONS["relu"]
 
 
-@torch.library.custom_op("hpml::batch_norm_triton", mutates_args=())
-def _batch_norm_triton(
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    training: bool,
-    eps: float,
-    activation: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from ..kernels.batch_norm import batch_norm_fwd
-
-    return batch_norm_fwd(input, weight, bias, running_mean, running_var, training, eps, activation)
-
-
-@torch.library.custom_op("hpml::batch_norm_backward_triton", mutates_args=())
-def _batch_norm_backward_triton(
-    grad: Tensor,
-    input: Tensor,
-    weight: Tensor | None,
-    output: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    training: bool,
-    activation: int,
-    input_grad: bool,
-    weight_grad: bool,
-    bias_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    from ..kernels.batch_norm import batch_norm_bwd
-
-    return batch_norm_bwd(
-        grad,
-        input,
-        weight,
-        output,
-        mean,
-        invstd,
-        training,
-        activation,
-        input_grad,
-        weight_grad,
-        bias_grad,
-    )
-
-
-@torch.library.custom_op("hpml::batch_norm_stats_triton", mutates_args=())
-def _batch_norm_stats_triton(input: Tensor) -> tuple[Tensor, Tensor]:
-    from ..kernels.batch_norm import batch_norm_stats
-
-    return batch_norm_stats(input)
-
-
-@torch.library.custom_op("hpml::batch_norm_backward_reduce_triton", mutates_args=())
-def _batch_norm_backward_reduce_triton(
-    grad: Tensor, input: Tensor, output: Tensor, mean: Tensor, activation: int
-) -> tuple[Tensor, Tensor]:
-    from ..kernels.batch_norm import batch_norm_backward_reduce
-
-    return batch_norm_backward_reduce(grad, input, output, mean, activation)
-
-
-@torch.library.custom_op("hpml::batch_norm_backward_elemt_triton", mutates_args=())
-def _batch_norm_backward_elemt_triton(
-    grad: Tensor,
-    input: Tensor,
-    weight: Tensor | None,
-    output: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    sum_dz: Tensor,
-    sum_dz_xmu: Tensor,
-    count: int,
-    activation: int,
-) -> Tensor:
-    from ..kernels.batch_norm import batch_norm_backward_elemt
-
-    return batch_norm_backward_elemt(
-        grad, input, weight, output, mean, invstd, sum_dz, sum_dz_xmu, count, activation
-    )
-
-
-def _stat_dtype(input: Tensor) -> torch.dtype:
-    return torch.float64 if input.dtype == torch.float64 else torch.float32
-
-
-def _fake_fwd(input, weight, bias, running_mean, running_var, training, eps, activation):
-    c = input.shape[1]
-    out = torch.empty_like(input)
-    stats = input.new_empty((c,), dtype=_stat_dtype(input))
-    var = input.new_empty((c,) if training else (0,), dtype=_stat_dtype(input))
-    return out, stats, torch.empty_like(stats), var
-
-
-def _fake_bwd(grad, input, weight, output, mean, invstd, training, activation, ig, wg, bg):
-    c = input.shape[1]
-    wdt = weight.dtype if weight is not None else input.dtype
-    return (
-        torch.empty_like(input) if ig else input.new_empty((0,)),
-        input.new_empty((c,) if wg else (0,), dtype=wdt),
-        input.new_empty((c,) if bg else (0,), dtype=wdt),
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    input, weight, bias, running_mean, running_var, training, eps, activation = inputs
-    out, mean, invstd, var = output
-    # The output is read only for the ReLU mask.
-    saved_out = out if activation == 1 else out.new_empty((0,))
-    ctx.save_for_backward(input, weight, saved_out, mean, invstd)
-    ctx.training = training
-    ctx.activation = activation
-    ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(mean, invstd, var)
-
-
-def _backward(ctx, grad, grad_mean, grad_invstd, grad_var, *, bwd_op):
-    input, weight, saved_out, mean, invstd = ctx.saved_tensors
-    ig = ctx.needs_input_grad[0]
-    wg = weight is not None and ctx.needs_input_grad[1]
-    bg = ctx.has_bias and ctx.needs_input_grad[2]
-    if not (ig or wg or bg):
-        return (None,) * 8
-    gx, gw, gb = bwd_op(
-        grad, input, weight, saved_out, mean, invstd, ctx.training, ctx.activation, ig, wg, bg
-    )
-    return (gx if ig else None, gw if wg else None, gb if bg else None) + (None,) * 5
-
-
-_OPS = {
-    "triton": (
-        torch.ops.hpml.batch_norm_triton.default,
-        torch.ops.hpml.batch_norm_backward_triton.default,
-    )
-}
-if _backend.HAS_EXTENSION:
-    _OPS["cpp"] = (torch.ops.hpml.batch_norm.default, torch.ops.hpml.batch_norm_backward.default)
-
-# Per backend, the forward as the public function calls it (see _registry._eager_caller).
-_CALL = {}
-for _name, (_fwd, _bwd) in _OPS.items():
-    _CALL[_name] = register_op_pair(
-        _fwd,
-        _bwd,
-        fake_fwd=_fake_fwd,
-        fake_bwd=_fake_bwd,
-        setup_context=_setup_context,
-        backward=_backward,
-        # As torch's batch_norm under autocast: the input as it comes, statistics in fp32.
-        autocast_dtype=None,
-        cpp_autograd=_name == "cpp",
-    )
-
-
-def _fake_stats(input):
-    stats = input.new_empty((input.shape[1],), dtype=_stat_dtype(input))
-    return stats, torch.empty_like(stats)
-
-
-def _fake_reduce(grad, input, output, mean, activation):
-    return _fake_stats(input)
-
-
-def _fake_elemt(grad, input, weight, output, mean, invstd, sum_dz, sum_dz_xmu, count, activation):
-    return torch.empty_like(input)
-
-
-# The pieces SyncBatchNorm (hpml_ops.nn.SyncBatchNorm) combines with collectives: per backend,
-# (forward, stats, backward_reduce, backward_elemt). No autograd formula of their own: the
-# module's autograd.Function calls them.
-SYNC_OPS = {
-    "triton": (
-        torch.ops.hpml.batch_norm_triton.default,
-        torch.ops.hpml.batch_norm_stats_triton.default,
-        torch.ops.hpml.batch_norm_backward_reduce_triton.default,
-        torch.ops.hpml.batch_norm_backward_elemt_triton.default,
-    )
-}
-if _backend.HAS_EXTENSION:
-    SYNC_OPS["cpp"] = (
-        torch.ops.hpml.batch_norm.default,
-        torch.ops.hpml.batch_norm_stats.default,
-        torch.ops.hpml.batch_norm_backward_reduce.default,
-        torch.ops.hpml.batch_norm_backward_elemt.default,
-    )
-for _ops in SYNC_OPS.values():
-    for _op, _fake in zip(_ops[1:], (_fake_stats, _fake_reduce, _fake_elemt), strict=True):
-        torch.library.register_fake(_op)(_fake)
-
-
-def _check_args(input, running_mean, running_var, weight, bias, training, activation):
-    if not isinstance(input, Tensor):
-        raise TypeError(f"{_OP}: input must be a Tensor, got {type(input).__name__}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"{_OP}: activation must be None, 'none' or 'relu', got {activation!r}")
+def _check_input(op: str, input, activation: int) -> None:
+    """The input (N, C, *), floating point, and the activation code (0 none, 1 relu)."""
+    check.tensor(op, "input", input)
+    if activation not in BN_ACTIVATIONS.values():
+        raise RuntimeError(f"{op}: activation must be 0 (none) or 1 (relu), got {activation}")
     if input.dim() < 2:
         raise RuntimeError(
-            f"{_OP}: expected an input of shape (N, C, *), got shape {tuple(input.shape)}"
+            f"{op}: expected an input of shape (N, C, *), got shape {check.shape(input)}"
         )
-    check_floating("input", input, _OP)
+    check.floating(op, input, "input")
+
+
+def _check_channel_vector(op: str, t, input: Tensor, name: str) -> None:
+    check.tensor(op, name, t, optional=True)
+    if t is None:
+        return
     c = input.shape[1]
+    if t.dim() != 1 or t.shape[0] != c:
+        raise RuntimeError(
+            f"{op}: {name} should contain {c} elements (one per channel), got shape "
+            f"{check.shape(t)}"
+        )
+    check.floating(op, t, name)
+    check.same_device(op, input, t, name)
+
+
+def check_args(input, weight, bias, running_mean, running_var, training, activation: int) -> None:
+    """The arguments batch norm accepts, for the public function, the op and its fake kernel;
+    the C++ launchers check the same, in the same order and words (``csrc/batch_norm.h``)."""
+    _check_input(_OP, input, activation)
     for name, t in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
         ("weight", weight),
         ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
     ):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{_OP}: {name} must be a Tensor or None, got {type(t).__name__}")
-        if t.dim() != 1 or t.shape[0] != c:
-            raise RuntimeError(
-                f"{_OP}: {name} should contain {c} elements (one per channel), got shape "
-                f"{tuple(t.shape)}"
-            )
-        check_floating(name, t, _OP)
-        check_device(name, t, input, _OP)
+        _check_channel_vector(_OP, t, input, name)
     if not training and (running_mean is None or running_var is None):
         raise RuntimeError("running_mean must be defined in evaluation mode")
     if training:
+        # torch's rule (F.batch_norm's _verify_batch_size): N times the spatial size, C aside.
         size_prods = input.shape[0]
         for s in input.shape[2:]:
             size_prods *= s
@@ -250,6 +71,35 @@ def _check_args(input, running_mean, running_var, weight, bias, training, activa
                 "Expected more than 1 value per channel when training, got input size "
                 f"{input.size()}"
             )
+
+
+def check_backward_args(op: str, grad, input, weight, output, activation, mean, invstd) -> None:
+    """The backward ops' contract (``csrc/batch_norm.h``, check_backward): grad (and, for ReLU,
+    the output, read for the mask) of the input's shape and dtype, per-channel vectors of C."""
+    _check_input(op, input, activation)
+    for name, t in (("weight", weight), ("mean", mean), ("invstd", invstd)):
+        _check_channel_vector(op, t, input, name)
+    check.like(op, input, grad, "grad", input, "the input's")
+    if activation == _RELU:
+        check.like(op, input, output, "output", input, "the input's")
+
+
+def check_elemt_args(
+    grad, input, weight, output, mean, invstd, sum_dz, sum_dz_xmu, count, activation
+) -> None:
+    """``hpml::batch_norm_backward_elemt``'s contract: the backward's, the group's sums, a
+    positive count."""
+    op = "hpml::batch_norm_backward_elemt"
+    check_backward_args(op, grad, input, weight, output, activation, mean, invstd)
+    _check_channel_vector(op, sum_dz, input, "sum_dz")
+    _check_channel_vector(op, sum_dz_xmu, input, "sum_dz_xmu")
+    if count <= 0:
+        raise RuntimeError(f"{op}: count must be positive, got {count}")
+
+
+def _stats(input: Tensor, n: int) -> tuple[Tensor, ...]:
+    """n empty per-channel vectors in the statistics' dtype (fp32, fp64 for fp64)."""
+    return tuple(input.new_empty((input.shape[1],), dtype=acc_dtype(input.dtype)) for _ in range(n))
 
 
 def batch_norm(
@@ -287,34 +137,25 @@ def _batch_norm(
     input, running_mean, running_var, weight, bias, training, momentum, eps, activation, backend
 ) -> Tensor:
     """``batch_norm`` on ``backend`` (None: the process-wide choice); what the modules call."""
-    done = False
-    if _cpp_fast_path(input, running_mean, running_var, weight, bias, backend):
-        code = ACTIVATIONS.get(activation) if isinstance(activation, str | None) else None
-        if code is not None:
-            try:
-                out, mean, _, var = _CALL["cpp"](
-                    input, weight, bias, running_mean, running_var, bool(training), float(eps), code
-                )
-                done = True
-            except Exception:  # noqa: BLE001  (diagnosed by the checks below, else re-raised)
-                pass
-    if not done:
-        _check_args(input, running_mean, running_var, weight, bias, training, activation)
-        backend = _backend.resolve(input.device, _OP, backend)
+    args = (input, weight, bias, running_mean, running_var)
+    # The C++ op at once when every operand is a tensor on the input's device (or None).
+    if (
+        isinstance(input, Tensor)
+        and activation in (None, "none", "relu")
+        and on_device(dev := input.device, weight, bias, running_mean, running_var)
+        and OP.cpp_first(dev, backend)
+    ):
+        code = BN_ACTIVATIONS[activation]
+        out, mean, _, var = OP.cpp(*args, bool(training), float(eps), code)
+    else:
+        code = activation_code(activation, _OP, BN_ACTIVATIONS)
+        check_args(*args, training, code)
+        backend = OP.resolve(input.device, backend)
         if backend == "reference":
-            return reference.batch_norm(
+            return OP.reference(
                 input, running_mean, running_var, weight, bias, training, momentum, eps, activation
             )
-        out, mean, _, var = _CALL[backend](
-            input,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            bool(training),
-            float(eps),
-            ACTIVATIONS[activation],
-        )
+        out, mean, _, var = OP.forward[backend](*args, bool(training), float(eps), code)
     if training and running_mean is not None and running_var is not None and input.numel() > 0:
         # running = (1 - momentum) running + momentum batch (the variance unbiased), as torch,
         # written running + momentum (batch - running): one op per statistic instead of two
@@ -325,17 +166,81 @@ def _batch_norm(
     return out
 
 
-def _cpp_fast_path(input, running_mean, running_var, weight, bias, backend) -> bool:
-    """Whether to call the C++ op at once, before the Python checks (as linear_act's): the
-    cpp backend, eager mode, every operand a tensor on the input's device or None. The C++ op
-    checks the rest; when it raises, ``_check_args`` runs and raises the message naming the
-    argument (and torch's ValueError for one value per channel), else the error is re-raised."""
-    if not isinstance(input, Tensor):
-        return False
-    dev = input.device
-    for t in (running_mean, running_var, weight, bias):
-        if t is not None and not (isinstance(t, Tensor) and t.device == dev):
-            return False
-    return (
-        "cpp" in _CALL and not torch.compiler.is_compiling() and resolves_to_cpp(dev, _OP, backend)
+# ---- the ops: fake kernels, the Triton ops' autograd formula, registration ---------------
+
+# As torch's batch_norm under autocast: the input as it comes, statistics in fp32.
+SPEC = OpSpec("batch_norm", autocast=None)
+
+
+@SPEC.fake("batch_norm")
+def _fake_fwd(input, weight, bias, running_mean, running_var, training, eps, activation):
+    check_args(input, weight, bias, running_mean, running_var, training, activation)
+    mean, invstd = _stats(input, 2)
+    var = mean.new_empty((input.shape[1],) if training else (0,))
+    return torch.empty_like(input), mean, invstd, var
+
+
+@SPEC.fake("batch_norm_backward")
+def _fake_bwd(grad, input, weight, output, mean, invstd, training, activation, ig, wg, bg):
+    check_backward_args(
+        "hpml::batch_norm_backward", grad, input, weight, output, activation, mean, invstd
     )
+    c = input.shape[1]
+    wdt = weight.dtype if weight is not None else input.dtype
+    return (
+        torch.empty_like(input) if ig else input.new_empty((0,)),
+        input.new_empty((c,) if wg else (0,), dtype=wdt),
+        input.new_empty((c,) if bg else (0,), dtype=wdt),
+    )
+
+
+@SPEC.fake("batch_norm_stats")
+def _fake_stats(input):
+    _check_input("hpml::batch_norm_stats", input, 0)
+    return _stats(input, 2)
+
+
+@SPEC.fake("batch_norm_backward_reduce")
+def _fake_reduce(grad, input, output, mean, activation):
+    check_backward_args(
+        "hpml::batch_norm_backward_reduce", grad, input, None, output, activation, mean, None
+    )
+    return _stats(input, 2)
+
+
+@SPEC.fake("batch_norm_backward_elemt")
+def _fake_elemt(grad, input, weight, output, mean, invstd, sum_dz, sum_dz_xmu, count, activation):
+    check_elemt_args(
+        grad, input, weight, output, mean, invstd, sum_dz, sum_dz_xmu, count, activation
+    )
+    return torch.empty_like(input)
+
+
+@SPEC.setup_context
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, running_mean, running_var, training, eps, activation = inputs
+    out, mean, invstd, var = output
+    # The output is read only for the ReLU mask.
+    saved_out = out if activation == _RELU else out.new_empty((0,))
+    ctx.save_for_backward(input, weight, saved_out, mean, invstd)
+    ctx.training = training
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(mean, invstd, var)
+
+
+@SPEC.backward
+def _backward(ctx, grad, grad_mean, grad_invstd, grad_var, *, bwd_op):
+    input, weight, saved_out, mean, invstd = ctx.saved_tensors
+    ig = ctx.needs_input_grad[0]
+    wg = weight is not None and ctx.needs_input_grad[1]
+    bg = ctx.has_bias and ctx.needs_input_grad[2]
+    if not (ig or wg or bg):
+        return (None,) * 8
+    gx, gw, gb = bwd_op(
+        grad, input, weight, saved_out, mean, invstd, ctx.training, ctx.activation, ig, wg, bg
+    )
+    return (gx if ig else None, gw if wg else None, gb if bg else None) + (None,) * 5
+
+
+OP = register(SPEC)

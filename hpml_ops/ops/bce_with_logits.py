@@ -1,10 +1,9 @@
-"""Sigmoid binary cross-entropy with logits: the public function, its custom ops, their fake
-kernels, autograd formula (for the Triton ops; the C++ ops carry the same formula in C++,
-csrc/autograd.cpp) and autocast policy.
+"""Sigmoid binary cross-entropy with logits: the argument contract, fake kernels, Triton autograd
+formula, spec and public function.
 
-Two op pairs implement it: ``hpml::bce_with_logits[_backward]`` (C++: CPU kernels, CUDA kernels;
-schema in csrc/ops.cpp) and ``hpml::bce_with_logits[_backward]_triton`` (Triton, kernels/).
-Both are ``torch.library`` ops with a registered fake kernel, so opcheck and
+Ops (schemas: ``schema.py``): ``hpml::bce_with_logits[_backward]`` (C++: CPU kernels, CUDA
+kernels) and ``hpml::bce_with_logits[_backward]_triton`` (``kernels/bce_with_logits.py``). Both are
+``torch.library`` ops with a registered fake kernel, so opcheck and
 ``torch.compile(fullgraph=True)`` treat them alike on a GPU and under ``TRITON_INTERPRET=1``
 (``triton_op`` would let Inductor look inside the Triton kernel on a GPU, but fails under the
 interpreter; a ``custom_op`` passes in both places, and the kernel is already fused).
@@ -13,150 +12,59 @@ interpreter; a ``custom_op`` passes in both places, and the kernel is already fu
 import torch
 from torch import Tensor
 
-from .. import _backend, reference
-from ._registry import (
-    autocast_to,
-    broadcastable_to,
-    check_device,
-    check_floating,
-    promote,
-    register_op_pair,
-    resolves_to_cpp,
-)
+from ..constants import REDUCTIONS
+from . import _checks as check
+from ._registry import OpSpec, autocast_enabled, autocast_to, promote, register
 
 _OP = "binary_cross_entropy_with_logits"
-REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
 
-@torch.library.custom_op("hpml::bce_with_logits_triton", mutates_args=())
-def _bce_triton(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    pos_weight: Tensor | None,
-    reduction: int,
-) -> Tensor:
-    from ..kernels.bce_with_logits import bce_with_logits_fwd
-
-    return bce_with_logits_fwd(input, target, weight, pos_weight, reduction)
-
-
-@torch.library.custom_op("hpml::bce_with_logits_backward_triton", mutates_args=())
-def _bce_backward_triton(
-    grad: Tensor,
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    pos_weight: Tensor | None,
-    reduction: int,
-    input_grad: bool,
-    target_grad: bool,
-) -> tuple[Tensor, Tensor]:
-    from ..kernels.bce_with_logits import bce_with_logits_bwd
-
-    return bce_with_logits_bwd(
-        grad, input, target, weight, pos_weight, reduction, input_grad, target_grad
-    )
-
-
-def _fake_fwd(input, target, weight, pos_weight, reduction):
-    torch._check(
-        input.shape == target.shape,
-        lambda: f"Target size ({target.shape}) must be the same as input size ({input.shape})",
-    )
-    torch._check(input.dtype == target.dtype, lambda: "input and target dtypes differ")
-    torch._check(reduction in (0, 1, 2), lambda: f"reduction must be 0, 1 or 2, got {reduction}")
-    return input.new_empty(input.shape if reduction == 0 else ())
-
-
-def _fake_bwd(grad, input, target, weight, pos_weight, reduction, input_grad, target_grad):
-    return (
-        input.new_empty(input.shape if input_grad else (0,)),
-        input.new_empty(input.shape if target_grad else (0,)),
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    input, target, weight, pos_weight, reduction = inputs
-    ctx.save_for_backward(input, target, weight, pos_weight)
-    ctx.reduction = reduction
-
-
-def _backward(ctx, grad, *, bwd_op):
-    input, target, weight, pos_weight = ctx.saved_tensors
-    need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if not (need_input or need_target):
-        return None, None, None, None, None
-    grad_input, grad_target = bwd_op(
-        grad, input, target, weight, pos_weight, ctx.reduction, need_input, need_target
-    )
-    return (
-        grad_input if need_input else None,
-        grad_target if need_target else None,
-        None,
-        None,
-        None,
-    )
-
-
-_OPS = {
-    "triton": (
-        torch.ops.hpml.bce_with_logits_triton.default,
-        torch.ops.hpml.bce_with_logits_backward_triton.default,
-    )
-}
-if _backend.HAS_EXTENSION:
-    _OPS["cpp"] = (
-        torch.ops.hpml.bce_with_logits.default,
-        torch.ops.hpml.bce_with_logits_backward.default,
-    )
-
-# Per backend, the forward as the public function calls it (see _registry._eager_caller).
-_CALL = {}
-for _name, (_fwd, _bwd) in _OPS.items():
-    _CALL[_name] = register_op_pair(
-        _fwd,
-        _bwd,
-        fake_fwd=_fake_fwd,
-        fake_bwd=_fake_bwd,
-        setup_context=_setup_context,
-        backward=_backward,
-        autocast_dtype=torch.float32,  # as torch: binary_cross_entropy_with_logits runs in fp32
-        cpp_autograd=_name == "cpp",
-    )
-
-
-def _check_args(input, target, weight, reduction, pos_weight) -> None:
-    for name, t in (("input", input), ("target", target)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{_OP}: {name} must be a Tensor, got {type(t).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{reduction} is not a valid value for reduction")
+def check_args(input, target, weight, pos_weight, reduction: int, *, op: bool = True) -> None:
+    """The arguments the loss accepts; the C++ launchers check the same, in the same order and
+    words (``csrc/bce_with_logits.h``). ``op``: the ops' form (one dtype for every tensor); else
+    the public function's (mixed floating dtypes, promoted)."""
+    check.tensor(_OP, "input", input)
+    check.tensor(_OP, "target", target)
+    check.tensor(_OP, "weight", weight, optional=True)
+    check.tensor(_OP, "pos_weight", pos_weight, optional=True)
+    if reduction not in REDUCTIONS.values():
+        raise RuntimeError(
+            f"{_OP}: reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}"
+        )
     if target.size() != input.size():
         raise ValueError(
             f"Target size ({target.size()}) must be the same as input size ({input.size()})"
         )
-    check_floating("input", input, _OP)
-    check_floating("target", target, _OP)
-    check_device("target", target, input, _OP)
-    for name, t in (("weight", weight), ("pos_weight", pos_weight)):
+    check.floating(_OP, input, "input")
+    for name, t in (("target", target), ("weight", weight), ("pos_weight", pos_weight)):
         if t is None:
             continue
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{_OP}: {name} must be a Tensor or None, got {type(t).__name__}")
-        check_floating(name, t, _OP)
-        check_device(name, t, input, _OP)
-        if not broadcastable_to(t.shape, input.shape):
+        check.floating(_OP, t, name)
+        check.same_device(_OP, input, t, name)
+        if op:
+            check.same_dtype(_OP, input, t, name)
+        if name != "target" and not check.broadcastable_to(t.shape, input.shape):
             raise RuntimeError(
-                f"{_OP}: {name} of shape {tuple(t.shape)} cannot be broadcast to the input's "
-                f"shape {tuple(input.shape)}"
+                f"{_OP}: {name} of shape {check.shape(t)} cannot be broadcast to the input's shape "
+                f"{check.shape(input)}"
             )
-        if t.requires_grad and torch.is_grad_enabled():
-            # torch's own message: the loss is not differentiable with respect to these.
+
+
+def check_backward_args(grad, input, target, weight, pos_weight, reduction: int) -> None:
+    """``hpml::bce_with_logits_backward``'s contract (``csrc/bce_with_logits.h``)."""
+    op = "hpml::bce_with_logits_backward"
+    check_args(input, target, weight, pos_weight, reduction)
+    check.same_device(op, input, grad, "grad")
+    if reduction == REDUCTIONS["none"]:
+        if grad.shape != input.shape:
             raise RuntimeError(
-                f"The function '{_OP}' is not differentiable with respect to argument "
-                f"'{name}'. This input cannot have requires_grad True."
+                f"{op}: grad of shape {check.shape(grad)} does not match the input's shape "
+                f"{check.shape(input)}"
             )
+    elif grad.numel() != 1:
+        raise RuntimeError(
+            f"{op}: expected a one-element grad for a reduced loss, got shape {check.shape(grad)}"
+        )
 
 
 def binary_cross_entropy_with_logits(
@@ -190,44 +98,88 @@ def binary_cross_entropy_with_logits(
 def _bce_with_logits(input, target, weight, reduction, pos_weight, backend: str | None) -> Tensor:
     """``binary_cross_entropy_with_logits`` on ``backend`` (None: the process-wide choice); what
     BCEWithLogitsLoss calls."""
+    # The C++ op at once for input and target of one dtype on one device, no weights and no
+    # autocast (whose casts the full path makes).
     if (
         weight is None
         and pos_weight is None
+        and isinstance(input, Tensor)
+        and isinstance(target, Tensor)
+        and target.device == (dev := input.device)
+        and target.dtype == input.dtype
         and isinstance(reduction, str)
         and reduction in REDUCTIONS
-        and _cpp_fast_path(input, target, backend)
+        and not autocast_enabled()
+        and OP.cpp_first(dev, backend)
     ):
-        try:
-            return _CALL["cpp"](input, target, None, None, REDUCTIONS[reduction])
-        except Exception:  # noqa: BLE001  (diagnosed by the checks below, else re-raised)
-            pass
-    _check_args(input, target, weight, reduction, pos_weight)
-    backend = _backend.resolve(input.device, "bce_with_logits", backend)
+        return OP.cpp(input, target, None, None, REDUCTIONS[reduction])
+    if not (isinstance(reduction, str) and reduction in REDUCTIONS):
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    code = REDUCTIONS[reduction]
+    check_args(input, target, weight, pos_weight, code, op=False)
+    for name, t in (("weight", weight), ("pos_weight", pos_weight)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            # torch's own message: the loss is not differentiable with respect to these.
+            raise RuntimeError(
+                f"The function '{_OP}' is not differentiable with respect to argument "
+                f"'{name}'. This input cannot have requires_grad True."
+            )
+    backend = OP.resolve(input.device, backend)
     if backend == "reference":
-        return reference.bce_with_logits(input, target, weight, reduction, pos_weight)
+        return OP.reference(input, target, weight, reduction, pos_weight)
     input, target, weight, pos_weight = autocast_to(
         torch.float32, input.device.type, input, target, weight, pos_weight
     )
     out_dtype = target.dtype
     input, target, weight, pos_weight = promote(input, target, weight, pos_weight)
-    out = _CALL[backend](input, target, weight, pos_weight, REDUCTIONS[reduction])
+    out = OP.forward[backend](input, target, weight, pos_weight, code)
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
-def _cpp_fast_path(input, target, backend) -> bool:
-    """Whether to call the C++ op at once, before the Python checks (as linear_act's): the cpp
-    backend, eager mode, no autocast (whose casts the full path makes), input and target tensors
-    of one dtype on one device. The C++ op checks the rest; when it raises, ``_check_args`` runs
-    and raises the message naming the argument (torch's ValueError for a shape mismatch), else
-    the error is re-raised."""
-    if not (isinstance(input, Tensor) and isinstance(target, Tensor)):
-        return False
-    dev = input.device
+# ---- the ops: fake kernels, the Triton ops' autograd formula, registration ---------------
+
+# As torch: binary_cross_entropy_with_logits runs in fp32 under autocast.
+SPEC = OpSpec("bce_with_logits", autocast=torch.float32)
+
+
+@SPEC.fake("bce_with_logits")
+def _fake_fwd(input, target, weight, pos_weight, reduction):
+    check_args(input, target, weight, pos_weight, reduction)
+    return input.new_empty(input.shape if reduction == REDUCTIONS["none"] else ())
+
+
+@SPEC.fake("bce_with_logits_backward")
+def _fake_bwd(grad, input, target, weight, pos_weight, reduction, input_grad, target_grad):
+    check_backward_args(grad, input, target, weight, pos_weight, reduction)
     return (
-        target.device == dev
-        and target.dtype == input.dtype
-        and "cpp" in _CALL
-        and not torch.compiler.is_compiling()
-        and not torch.is_autocast_enabled(dev.type)
-        and resolves_to_cpp(dev, "bce_with_logits", backend)
+        input.new_empty(input.shape if input_grad else (0,)),
+        input.new_empty(input.shape if target_grad else (0,)),
     )
+
+
+@SPEC.setup_context
+def _setup_context(ctx, inputs, output):
+    input, target, weight, pos_weight, reduction = inputs
+    ctx.save_for_backward(input, target, weight, pos_weight)
+    ctx.reduction = reduction
+
+
+@SPEC.backward
+def _backward(ctx, grad, *, bwd_op):
+    input, target, weight, pos_weight = ctx.saved_tensors
+    need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_input or need_target):
+        return None, None, None, None, None
+    grad_input, grad_target = bwd_op(
+        grad, input, target, weight, pos_weight, ctx.reduction, need_input, need_target
+    )
+    return (
+        grad_input if need_input else None,
+        grad_target if need_target else None,
+        None,
+        None,
+        None,
+    )
+
+
+OP = register(SPEC)

@@ -1,29 +1,21 @@
-"""Fused linear + activation, ``act(input @ weight.T + bias)``: the public functions, the custom
-ops of each backend, their fake kernels, autograd formula (for the Triton ops; the C++ ops carry
-the same formula in C++, csrc/autograd.cpp) and autocast policy.
+"""Fused linear + activation, ``act(input @ weight.T + bias)``: the argument contract, fake
+kernels, Triton autograd formula, spec and public functions.
 
-Ops: ``hpml::linear_act[_backward]`` (C++: BLAS + fused epilogue on CPU, CUDA kernels; schema in
-csrc/ops.cpp) and ``hpml::linear_act[_backward]_triton`` (kernels/linear_act.py). The forward
-returns the output and, for ReLU / leaky ReLU, a bit-packed mask (1 bit per element, rows padded to
-whole bytes) that the backward reads instead of the pre-activation; sigmoid / tanh save the output.
+Ops (schemas: ``schema.py``): ``hpml::linear_act[_backward]`` (C++: BLAS + fused epilogue on CPU,
+CUDA kernels) and ``hpml::linear_act[_backward]_triton`` (``kernels/linear_act.py``). The forward
+returns the output and, for ReLU / leaky ReLU, a bit-packed mask (1 bit per element, rows padded
+to whole bytes) that the backward reads instead of the pre-activation; sigmoid / tanh save the
+output.
 """
 
 import torch
 from torch import Tensor
 
-from .. import _backend, reference
-from ._registry import (
-    check_device,
-    check_floating,
-    register_autocast_lower_precision,
-    register_op_pair,
-    resolves_to_cpp,
-)
+from ..constants import ACT_USES_MASK, ACT_USES_OUTPUT, ACTIVATIONS, activation_code, mask_row_bytes
+from . import _checks as check
+from ._registry import AUTOCAST_LOWER, OpSpec, on_device, register
 
 _OP = "linear_act"
-ACTIVATIONS = {"none": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4}
-_MASKED = (1, 2)  # relu, leaky_relu: the backward reads the mask
-_FROM_OUTPUT = (3, 4)  # sigmoid, tanh: the backward reads the output
 
 
 def _allow_tf32() -> bool:
@@ -33,164 +25,18 @@ def _allow_tf32() -> bool:
     )
 
 
-@torch.library.custom_op("hpml::linear_act_triton", mutates_args=())
-def _linear_act_triton(
-    input: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    activation: int,
-    negative_slope: float,
-) -> tuple[Tensor, Tensor]:
-    from ..kernels.linear_act import linear_act_fwd
-
-    _check_op_args(input, weight, bias, activation)
-    return linear_act_fwd(input, weight, bias, activation, negative_slope, _allow_tf32())
-
-
-@torch.library.custom_op("hpml::linear_act_backward_triton", mutates_args=())
-def _linear_act_backward_triton(
-    grad: Tensor,
-    input: Tensor,
-    weight: Tensor,
-    output: Tensor,
-    mask: Tensor,
-    activation: int,
-    negative_slope: float,
-    input_grad: bool,
-    weight_grad: bool,
-    bias_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    from ..kernels.linear_act import linear_act_bwd
-
-    _check_op_args(input, weight, None, activation)
-    if grad.shape != (input.shape[0], weight.shape[0]):
-        raise RuntimeError(
-            f"hpml::linear_act_backward: grad of shape {tuple(grad.shape)}, expected "
-            f"{(input.shape[0], weight.shape[0])}"
-        )
-    return linear_act_bwd(
-        grad,
-        input,
-        weight,
-        output,
-        mask,
-        activation,
-        negative_slope,
-        input_grad,
-        weight_grad,
-        bias_grad,
-        _allow_tf32(),
-    )
-
-
-def _check_op_args(input, weight, bias, activation) -> None:
-    """What hpml::check_linear_act (csrc/linear_act.h) checks, for the Triton ops."""
-    if input.dim() != 2 or weight.dim() != 2:
-        raise RuntimeError(
-            f"hpml::linear_act: expected a 2-D input and weight, got {tuple(input.shape)} and "
-            f"{tuple(weight.shape)}"
-        )
-    if input.shape[1] != weight.shape[1]:
-        raise RuntimeError(
-            f"hpml::linear_act: input of shape {tuple(input.shape)} has in_features="
-            f"{input.shape[1]} but weight of shape {tuple(weight.shape)} expects {weight.shape[1]}"
-        )
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != input.dtype:
-            raise RuntimeError(
-                f"Expected {name} of dtype {input.dtype} (the input's dtype), got {t.dtype}"
-            )
-        if t is not None and t.device != input.device:
-            raise RuntimeError(
-                f"Expected {name} on {input.device} (the input's device), got {t.device}"
-            )
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise RuntimeError(
-            f"hpml::linear_act: bias of shape {tuple(bias.shape)} does not match "
-            f"out_features={weight.shape[0]}"
-        )
+def check_args(input, weight, bias, activation: int, negative_slope, *, op: bool = True) -> None:
+    """The arguments ``linear_act`` accepts; the C++ launchers check the same, in the same order
+    and words (``csrc/linear_act.h``). ``op``: the ops' form (a 2-D input, a bias of
+    ``(out_features,)``, one dtype); else the public function's (input ``(*, in_features)``, a
+    bias of one element broadcast, dtypes left to autocast when it is on)."""
+    check.tensor(_OP, "input", input)
+    check.tensor(_OP, "weight", weight)
+    check.tensor(_OP, "bias", bias, optional=True)
     if activation not in ACTIVATIONS.values():
-        raise RuntimeError(f"hpml::linear_act: unknown activation code {activation}")
-
-
-def _fake_fwd(input, weight, bias, activation, negative_slope):
-    torch._check(input.dim() == 2 and weight.dim() == 2, lambda: "2-D input and weight expected")
-    torch._check(input.shape[1] == weight.shape[1], lambda: "in_features mismatch")
-    m, n = input.shape[0], weight.shape[0]
-    out = input.new_empty((m, n))
-    shape = (m, (n + 7) // 8) if activation in _MASKED else (0,)
-    return out, input.new_empty(shape, dtype=torch.uint8)
-
-
-def _fake_bwd(grad, input, weight, output, mask, activation, negative_slope, ig, wg, bg):
-    return (
-        input.new_empty(input.shape if ig else (0,)),
-        weight.new_empty(weight.shape if wg else (0,)),
-        weight.new_empty((weight.shape[0],) if bg else (0,)),
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    input, weight, bias, activation, negative_slope = inputs
-    out, mask = output
-    # Only what the backward reads: the mask (1 bit per element) for relu / leaky relu, the
-    # output for sigmoid / tanh; never the pre-activation.
-    saved_out = out if activation in _FROM_OUTPUT else out.new_empty((0,))
-    ctx.save_for_backward(input, weight, saved_out, mask)
-    ctx.activation = activation
-    ctx.negative_slope = negative_slope
-    ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(mask)
-
-
-def _backward(ctx, grad, grad_mask, *, bwd_op):
-    input, weight, saved_out, mask = ctx.saved_tensors
-    ig, wg = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    bg = ctx.has_bias and ctx.needs_input_grad[2]
-    if not (ig or wg or bg):
-        return None, None, None, None, None
-    gx, gw, gb = bwd_op(
-        grad, input, weight, saved_out, mask, ctx.activation, ctx.negative_slope, ig, wg, bg
-    )
-    return (gx if ig else None, gw if wg else None, gb if bg else None, None, None)
-
-
-_OPS = {
-    "triton": (
-        torch.ops.hpml.linear_act_triton.default,
-        torch.ops.hpml.linear_act_backward_triton.default,
-    )
-}
-if _backend.HAS_EXTENSION:
-    _OPS["cpp"] = (torch.ops.hpml.linear_act.default, torch.ops.hpml.linear_act_backward.default)
-
-# Per backend, the forward as the public function calls it (see _registry._eager_caller).
-_CALL = {}
-for _name, (_fwd, _bwd) in _OPS.items():
-    _CALL[_name] = register_op_pair(
-        _fwd,
-        _bwd,
-        fake_fwd=_fake_fwd,
-        fake_bwd=_fake_bwd,
-        setup_context=_setup_context,
-        backward=_backward,
-        autocast_dtype=None,
-        cpp_autograd=_name == "cpp",
-    )
-    # As torch's linear: under autocast the product runs in the autocast dtype.
-    register_autocast_lower_precision(_fwd)
-
-
-def _check_args(input, weight, bias, activation, negative_slope):
-    for name, t in (("input", input), ("weight", weight)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{_OP}: {name} must be a Tensor, got {type(t).__name__}")
-    if bias is not None and not isinstance(bias, Tensor):
-        raise TypeError(f"{_OP}: bias must be a Tensor or None, got {type(bias).__name__}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(
-            f"{_OP}: activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got "
-            f"{activation!r}"
+        raise RuntimeError(
+            f"{_OP}: activation must be 0 (none), 1 (relu), 2 (leaky_relu), 3 (sigmoid) or "
+            f"4 (tanh), got {activation}"
         )
     if not isinstance(negative_slope, int | float):
         raise TypeError(
@@ -199,33 +45,58 @@ def _check_args(input, weight, bias, activation, negative_slope):
     if weight.dim() != 2:
         raise RuntimeError(
             f"{_OP}: weight must be 2-D (out_features, in_features), got shape "
-            f"{tuple(weight.shape)}"
+            f"{check.shape(weight)}"
+        )
+    if op and input.dim() != 2:
+        raise RuntimeError(
+            f"{_OP}: expected a 2-D input (M, in_features), got shape {check.shape(input)}"
         )
     if input.dim() < 1:
         raise RuntimeError(f"{_OP}: input must be at least 1-D (*, in_features), got a 0-d tensor")
     if input.shape[-1] != weight.shape[1]:
         raise RuntimeError(
-            f"{_OP}: input of shape {tuple(input.shape)} has in_features={input.shape[-1]} but "
-            f"weight of shape {tuple(weight.shape)} expects in_features={weight.shape[1]}"
+            f"{_OP}: input of shape {check.shape(input)} has in_features={input.shape[-1]} but "
+            f"weight of shape {check.shape(weight)} expects in_features={weight.shape[1]}"
         )
     for name, t in (("input", input), ("weight", weight), ("bias", bias)):
         if t is not None:
-            check_floating(name, t, _OP)
-    check_device("weight", weight, input, _OP)
+            check.floating(_OP, t, name)
+    check.same_device(_OP, input, weight, "weight")
     if bias is not None:
-        check_device("bias", bias, input, _OP)
-        if bias.shape not in ((weight.shape[0],), (), (1,)):
+        check.same_device(_OP, input, bias, "bias")
+        if bias.shape != weight.shape[:1] and (op or bias.numel() != 1 or bias.dim() > 1):
             raise RuntimeError(
-                f"{_OP}: bias of shape {tuple(bias.shape)} does not match out_features="
-                f"{weight.shape[0]}"
+                f"{_OP}: bias of shape {check.shape(bias)} does not match "
+                f"out_features={weight.shape[0]}"
             )
-    if not torch.is_autocast_enabled(input.device.type):
-        for name, t in (("weight", weight), ("bias", bias)):
-            if t is not None and t.dtype != input.dtype:
-                raise RuntimeError(
-                    f"{_OP}: expected {name} of dtype {input.dtype} (the input's dtype), got "
-                    f"{t.dtype}"
-                )
+    if op or not torch.is_autocast_enabled(input.device.type):
+        check.same_dtype(_OP, input, weight, "weight")
+        if bias is not None:
+            check.same_dtype(_OP, input, bias, "bias")
+
+
+def check_backward_args(grad, input, weight, output, mask, activation: int) -> None:
+    """``hpml::linear_act_backward``'s contract (``csrc/linear_act.h``): the forward's, then
+    ``grad`` ``(M, N)`` and what the forward saved."""
+    op = "hpml::linear_act_backward"
+    check_args(input, weight, None, activation, 0.0)
+    m, n = input.shape[0], weight.shape[0]
+    if grad.dim() != 2 or tuple(grad.shape) != (m, n):
+        raise RuntimeError(f"{op}: grad of shape {check.shape(grad)}, expected {(m, n)}")
+    check.same_dtype(op, input, grad, "grad")
+    check.same_device(op, input, grad, "grad")
+    if activation in ACT_USES_MASK:
+        nb = mask_row_bytes(n)
+        if not (
+            mask.dtype == torch.uint8 and tuple(mask.shape) == (m, nb) and mask.is_contiguous()
+        ):
+            raise RuntimeError(
+                f"{op}: expected a contiguous torch.uint8 mask of shape {(m, nb)}, got "
+                f"{mask.dtype} {check.shape(mask)}"
+            )
+        check.same_device(op, input, mask, "mask")
+    if activation in ACT_USES_OUTPUT:
+        check.like(op, input, output, "output", grad, "grad")
 
 
 def linear_act(
@@ -240,7 +111,7 @@ def linear_act(
     Args:
         input: ``(*, in_features)``, 1-D and an empty batch included, any strides.
         weight: ``(out_features, in_features)``, as ``nn.Linear`` stores it (any strides).
-        bias: ``(out_features,)`` or None.
+        bias: ``(out_features,)`` (or one element, broadcast) or None.
         activation: ``"relu"``, ``"leaky_relu"`` (with ``negative_slope``), ``"sigmoid"``,
             ``"tanh"`` or ``"none"``.
 
@@ -256,47 +127,88 @@ def linear_act(
 
 def _linear_act(input, weight, bias, activation, negative_slope, backend: str | None) -> Tensor:
     """``linear_act`` on ``backend`` (None: the process-wide choice); what FusedLinear calls."""
-    if _cpp_fast_path(input, weight, bias, backend):
-        code = ACTIVATIONS.get(activation) if isinstance(activation, str) else None
-        if code is not None and isinstance(negative_slope, int | float):
-            try:
-                return _CALL["cpp"](input, weight, bias, code, float(negative_slope))[0]
-            except Exception:  # noqa: BLE001  (diagnosed by the checks below, else re-raised)
-                pass
-    _check_args(input, weight, bias, activation, negative_slope)
-    backend = _backend.resolve(input.device, "linear_act", backend)
+    # The C++ op at once for a 2-D input with its operands on one device and a bias that needs
+    # no broadcast.
+    if (
+        isinstance(input, Tensor)
+        and isinstance(weight, Tensor)
+        and input.dim() == 2
+        and on_device(dev := input.device, weight, bias)
+        and (bias is None or bias.shape == (weight.shape[0],))
+        and isinstance(activation, str)
+        and activation in ACTIVATIONS
+        and isinstance(negative_slope, int | float)
+        and OP.cpp_first(dev, backend)
+    ):
+        return OP.cpp(input, weight, bias, ACTIVATIONS[activation], float(negative_slope))[0]
+    code = activation_code(activation, _OP)
+    check_args(input, weight, bias, code, negative_slope, op=False)
+    backend = OP.resolve(input.device, backend)
     if backend == "reference":
-        return reference.linear_act(input, weight, bias, activation, negative_slope)
+        return OP.reference(input, weight, bias, activation, negative_slope)
     n, k = weight.shape
     if bias is not None and bias.shape != (n,):
         bias = bias.expand(n)  # a 0-d or one-element bias, which F.linear broadcasts
     if input.dim() == 2:  # no views: each adds ~5 us and a ViewBackward node per call
-        out, _ = _CALL[backend](input, weight, bias, ACTIVATIONS[activation], float(negative_slope))
-        return out
-    x2 = input.reshape(-1, k)
-    out, _ = _CALL[backend](x2, weight, bias, ACTIVATIONS[activation], float(negative_slope))
+        return OP.forward[backend](input, weight, bias, code, float(negative_slope))[0]
+    out, _ = OP.forward[backend](input.reshape(-1, k), weight, bias, code, float(negative_slope))
     return out.reshape(*input.shape[:-1], n)
-
-
-def _cpp_fast_path(input, weight, bias, backend: str | None) -> bool:
-    """Whether to call the C++ op at once, before the Python checks: a 2-D input, the cpp
-    backend, eager mode, every operand on the input's device (the dispatcher would otherwise
-    pick one device's kernel: the meta one returns without complaint). The C++ op checks the
-    rest (shapes, dtypes, floating point); when it raises, ``_check_args`` runs and raises the
-    message naming the argument, or the slow path retries (a 0-d bias, broadcast there). On the
-    small layers of a training step the Python checks cost more than the layer's arithmetic."""
-    if not (isinstance(input, Tensor) and isinstance(weight, Tensor) and input.dim() == 2):
-        return False
-    dev = input.device
-    return (
-        weight.device == dev
-        and (bias is None or (isinstance(bias, Tensor) and bias.device == dev))
-        and "cpp" in _CALL
-        and not torch.compiler.is_compiling()
-        and resolves_to_cpp(dev, "linear_act", backend)
-    )
 
 
 def linear_relu(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``relu(F.linear(input, weight, bias))``: ``linear_act`` with ``activation="relu"``."""
     return linear_act(input, weight, bias, "relu")
+
+
+# ---- the ops: fake kernels, the Triton ops' autograd formula, registration ---------------
+
+# As torch's linear: under autocast the product runs in the autocast dtype.
+SPEC = OpSpec("linear_act", autocast=AUTOCAST_LOWER)
+
+
+@SPEC.fake("linear_act")
+def _fake_fwd(input, weight, bias, activation, negative_slope):
+    check_args(input, weight, bias, activation, negative_slope)
+    m, n = input.shape[0], weight.shape[0]
+    shape = (m, mask_row_bytes(n)) if activation in ACT_USES_MASK else (0,)
+    return input.new_empty((m, n)), input.new_empty(shape, dtype=torch.uint8)
+
+
+@SPEC.fake("linear_act_backward")
+def _fake_bwd(grad, input, weight, output, mask, activation, negative_slope, ig, wg, bg):
+    check_backward_args(grad, input, weight, output, mask, activation)
+    return (
+        input.new_empty(input.shape if ig else (0,)),
+        weight.new_empty(weight.shape if wg else (0,)),
+        weight.new_empty((weight.shape[0],) if bg else (0,)),
+    )
+
+
+@SPEC.setup_context
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, activation, negative_slope = inputs
+    out, mask = output
+    # Only what the backward reads: the mask (1 bit per element) for relu / leaky relu, the
+    # output for sigmoid / tanh; never the pre-activation.
+    saved_out = out if activation in ACT_USES_OUTPUT else out.new_empty((0,))
+    ctx.save_for_backward(input, weight, saved_out, mask)
+    ctx.activation = activation
+    ctx.negative_slope = negative_slope
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(mask)
+
+
+@SPEC.backward
+def _backward(ctx, grad, grad_mask, *, bwd_op):
+    input, weight, saved_out, mask = ctx.saved_tensors
+    ig, wg = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    bg = ctx.has_bias and ctx.needs_input_grad[2]
+    if not (ig or wg or bg):
+        return None, None, None, None, None
+    gx, gw, gb = bwd_op(
+        grad, input, weight, saved_out, mask, ctx.activation, ctx.negative_slope, ig, wg, bg
+    )
+    return (gx if ig else None, gw if wg else None, gb if bg else None, None, None)
+
+
+OP = register(SPEC)

@@ -31,7 +31,7 @@ less (two OpenMP threads on two shared cores stall whenever one of them is desch
 FLOPs per step: 6 x batch x (sum of in x out over the Linears) (forward 2, backward 4). fp32 on
 every device unless ``--dtype`` says otherwise.
 
-    python benchmarks/bench_mlp.py [--device cpu|cuda] [--models net,wide,small] [--batch N]
+    python benchmarks/bench_train_step.py [--device cpu|cuda] [--models net,wide,small] [--batch N]
         [--threads N] [--profile]
 """
 
@@ -42,7 +42,7 @@ import sys
 import time
 
 import torch
-from common import base_parser, bench_side_by_side, env_note, machine, sync, write_results
+from common import base_parser, bench_side_by_side, env_note, finish, machine, sync, timing_columns
 from torch import nn
 
 import hpml_ops
@@ -240,16 +240,9 @@ def main(argv=None) -> int:
         for prov in live:
             r = res[prov]
             rows.append(
-                {
-                    "model": name,
-                    "batch": batch,
-                    "provider": prov,
-                    "ms_per_step": round(r["ms"], 3),
-                    "ms_p20": round(r["p20"], 3),
-                    "ms_p80": round(r["p80"], 3),
-                    "GFLOP/s": round(flops / (r["ms"] * 1e-3) / 1e9, 1),
-                    "vs_eager": round(r["vs_first"], 3) if live[0] == "eager" else None,
-                }
+                {"model": name, "batch": batch, "provider": prov}
+                | timing_columns(r, live, 3)
+                | {"GFLOP/s": round(flops / (r["ms"] * 1e-3) / 1e9, 1)}
             )
             print(
                 f"{name:>5} batch {batch:>5} {prov:>12}: {r['ms']:9.3f} ms/step "
@@ -259,13 +252,7 @@ def main(argv=None) -> int:
         if args.profile:
             table = profile(trainers, steps=args.profile_steps)
             print(f"\n## {name}: profile over {args.profile_steps} steps\n\n{table}")
-    if not rows:
-        print("nothing to measure: every provider was skipped")
-        return 1
-    path = write_results("mlp", meta, rows, args.out, args.tag)
-    print()
-    print(path.read_text())
-    return 0
+    return finish("train_step", meta, rows, args)
 
 
 if __name__ == "__main__":

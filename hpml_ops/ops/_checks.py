@@ -1,0 +1,56 @@
+"""The checks every argument contract is made of (``hpml_ops/ops/<stem>.py``), each raising what
+its C++ twin in ``csrc/common.h`` raises, in the same words: a public function calls the C++ op
+straight away and lets its error through, so the two languages must agree. Used as
+``from . import _checks as check``: ``check.floating(op, t, "weight")``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def shape(t: Tensor) -> str:
+    """A shape as Python prints a tuple, "(4, 6)" (``py_shape``)."""
+    return str(tuple(t.shape))
+
+
+def tensor(op: str, name: str, t, *, optional: bool = False) -> None:
+    if isinstance(t, Tensor) or (optional and t is None):
+        return
+    what = "a Tensor or None" if optional else "a Tensor"
+    raise TypeError(f"{op}: {name} must be {what}, got {type(t).__name__}")
+
+
+def floating(op: str, t: Tensor, name: str) -> None:
+    if not t.is_floating_point():
+        raise RuntimeError(f"{op}: expected a floating-point {name}, got {t.dtype}")
+
+
+def same_device(op: str, ref: Tensor, t: Tensor, name: str) -> None:
+    if t.device != ref.device:
+        raise RuntimeError(
+            f"{op}: expected {name} on {ref.device} (the input's device), got {t.device}"
+        )
+
+
+def same_dtype(op: str, ref: Tensor, t: Tensor, name: str) -> None:
+    if t.dtype != ref.dtype:
+        raise RuntimeError(
+            f"{op}: expected {name} of dtype {ref.dtype} (the input's dtype), got {t.dtype}"
+        )
+
+
+def broadcastable_to(shape: torch.Size, target: torch.Size) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target), strict=False))
+
+
+def like(op: str, ref: Tensor, t: Tensor, name: str, other: Tensor, other_name: str) -> None:
+    """``t`` of ``other``'s shape, on ``ref``'s device in ``ref``'s dtype (``check_like``)."""
+    if t.shape != other.shape:
+        raise RuntimeError(
+            f"{op}: {name} of shape {shape(t)} does not match {other_name} {shape(other)}"
+        )
+    same_dtype(op, ref, t, name)
+    same_device(op, ref, t, name)
