@@ -25,6 +25,15 @@
 
 #include "constants.h"
 
+// The library these formulas serve: hpml, or hpml_emu in the emulated build (csrc/emu), whose ops
+// are the CUDA kernels run on CPU tensors; "library::name" of an op.
+#ifndef HPML_LIBRARY
+#define HPML_LIBRARY hpml
+#endif
+#define HPML_STR2(x) #x
+#define HPML_STR(x) HPML_STR2(x)
+#define HPML_OP(name) HPML_STR(HPML_LIBRARY) "::" name
+
 namespace hpml {
 namespace {
 
@@ -73,7 +82,7 @@ class LinearActFn : public torch::autograd::Function<LinearActFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
                                const at::Tensor& weight, const OptTensor& bias, int64_t activation,
                                double negative_slope) {
-    static const auto op = op_handle<LinearActSig>("hpml::linear_act");
+    static const auto op = op_handle<LinearActSig>(HPML_OP("linear_act"));
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, mask] = op.call(input, weight, bias, activation, negative_slope);
     // Only what the backward reads: the mask (1 bit per element) for relu / leaky relu, the
@@ -88,7 +97,7 @@ class LinearActFn : public torch::autograd::Function<LinearActFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = op_handle<LinearActBwdSig>("hpml::linear_act_backward");
+    static const auto op = op_handle<LinearActBwdSig>(HPML_OP("linear_act_backward"));
     const bool ig = ctx->needs_input_grad(0), wg = ctx->needs_input_grad(1);
     const bool bg = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
     variable_list result(5);
@@ -103,7 +112,7 @@ class LinearActFn : public torch::autograd::Function<LinearActFn> {
                   ctx->saved_data["negative_slope"].toDouble(), ig, wg, bg);
       g = {ig ? gx : at::Tensor(), wg ? gw : at::Tensor(), bg ? gb : at::Tensor()};
     }
-    g = once_differentiable(std::move(g), {grads[0], saved[0], saved[1]}, "hpml::linear_act");
+    g = once_differentiable(std::move(g), {grads[0], saved[0], saved[1]}, HPML_OP("linear_act"));
     std::copy(g.begin(), g.end(), result.begin());
     return result;
   }
@@ -130,7 +139,7 @@ class BceWithLogitsFn : public torch::autograd::Function<BceWithLogitsFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
                             const at::Tensor& target, const OptTensor& weight,
                             const OptTensor& pos_weight, int64_t reduction) {
-    static const auto op = op_handle<BceSig>("hpml::bce_with_logits");
+    static const auto op = op_handle<BceSig>(HPML_OP("bce_with_logits"));
     at::AutoDispatchBelowADInplaceOrView guard;
     at::Tensor out = op.call(input, target, weight, pos_weight, reduction);
     ctx->save_for_backward({input, target, weight.value_or(at::Tensor()),
@@ -140,7 +149,7 @@ class BceWithLogitsFn : public torch::autograd::Function<BceWithLogitsFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = op_handle<BceBwdSig>("hpml::bce_with_logits_backward");
+    static const auto op = op_handle<BceBwdSig>(HPML_OP("bce_with_logits_backward"));
     const bool gi = ctx->needs_input_grad(0), gt = ctx->needs_input_grad(1);
     variable_list result(5);
     if (!(gi || gt)) return result;
@@ -154,7 +163,7 @@ class BceWithLogitsFn : public torch::autograd::Function<BceWithLogitsFn> {
       g = {gi ? grad_input : at::Tensor(), gt ? grad_target : at::Tensor()};
     }
     g = once_differentiable(std::move(g), {grads[0], saved[0], saved[1]},
-                            "hpml::bce_with_logits");
+                            HPML_OP("bce_with_logits"));
     std::copy(g.begin(), g.end(), result.begin());
     return result;
   }
@@ -181,7 +190,7 @@ class BatchNormFn : public torch::autograd::Function<BatchNormFn> {
                                const OptTensor& weight, const OptTensor& bias,
                                const OptTensor& running_mean, const OptTensor& running_var,
                                bool training, double eps, int64_t activation) {
-    static const auto op = op_handle<BatchNormSig>("hpml::batch_norm");
+    static const auto op = op_handle<BatchNormSig>(HPML_OP("batch_norm"));
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, mean, invstd, var] =
         op.call(input, weight, bias, running_mean, running_var, training, eps, activation);
@@ -197,7 +206,7 @@ class BatchNormFn : public torch::autograd::Function<BatchNormFn> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = op_handle<BatchNormBwdSig>("hpml::batch_norm_backward");
+    static const auto op = op_handle<BatchNormBwdSig>(HPML_OP("batch_norm_backward"));
     const auto saved = ctx->get_saved_variables();
     const bool ig = ctx->needs_input_grad(0);
     const bool wg = saved[1].defined() && ctx->needs_input_grad(1);
@@ -212,7 +221,7 @@ class BatchNormFn : public torch::autograd::Function<BatchNormFn> {
                                   ctx->saved_data["activation"].toInt(), ig, wg, bg);
       g = {ig ? gx : at::Tensor(), wg ? gw : at::Tensor(), bg ? gb : at::Tensor()};
     }
-    g = once_differentiable(std::move(g), {grads[0], saved[0], saved[1]}, "hpml::batch_norm");
+    g = once_differentiable(std::move(g), {grads[0], saved[0], saved[1]}, HPML_OP("batch_norm"));
     std::copy(g.begin(), g.end(), result.begin());
     return result;
   }
@@ -229,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_autograd(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hpml, Autograd, m) {
+TORCH_LIBRARY_IMPL(HPML_LIBRARY, Autograd, m) {
   m.impl("linear_act", &linear_act_autograd);
   m.impl("bce_with_logits", &bce_with_logits_autograd);
   m.impl("batch_norm", &batch_norm_autograd);

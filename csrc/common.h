@@ -8,6 +8,9 @@
 
 #include "constants.h"
 #include "hpml_schemas.h"  // generated from hpml_ops/ops/schema.py (build/generated/)
+#ifdef HPML_EMU
+#include "hpml_emu/op_scope.h"
+#endif
 
 #include <algorithm>
 #include <optional>
@@ -150,12 +153,29 @@ inline Bcast make_bcast(const char* op, const at::Tensor& t, at::IntArrayRef sha
 // dispatch key: HPML_REGISTER_KERNELS(batch_norm, CPU, _cpu) in csrc/batch_norm.cpp,
 // HPML_REGISTER_KERNELS(batch_norm, CUDA, _cuda) in csrc/cuda/batch_norm.cu. The library is
 // HPML_LIBRARY, hpml unless a build of the same sources defines another.
+// In the emulated build (csrc/emu: the CUDA sources compiled as host C++, -DHPML_EMU) the CUDA
+// kernels register for CPU tensors in the library hpml_emu, each inside an op scope that tells the
+// emulator's checks which memory the op's kernels may touch.
 #ifndef HPML_LIBRARY
 #define HPML_LIBRARY hpml
 #endif
+#ifdef HPML_EMU
+#define HPML_IMPL_ONE(op, suffix) m.impl(#op, &::hpml_emu::EmuOp<&op##suffix>::call);
+#define HPML_REGISTER_KERNELS(family, key, suffix) \
+  TORCH_LIBRARY_IMPL(HPML_LIBRARY, CPU, m) { HPML_OPS_##family(HPML_IMPL_ONE, suffix) }
+#else
 #define HPML_IMPL_ONE(op, suffix) m.impl(#op, &op##suffix);
 #define HPML_REGISTER_KERNELS(family, key, suffix) \
   TORCH_LIBRARY_IMPL(HPML_LIBRARY, key, m) { HPML_OPS_##family(HPML_IMPL_ONE, suffix) }
+#endif
+
+// TORCH_LIBRARY(HPML_LIBRARY, m) with every schema of hpml_ops/ops/schema.py (one level of
+// expansion, so that HPML_LIBRARY is replaced before TORCH_LIBRARY pastes it): csrc/ops.cpp for
+// hpml, csrc/emu/module.cpp for hpml_emu.
+#define HPML_DEF_ONE(name, schema) m.def(#name schema);
+#define HPML_TORCH_LIBRARY(ns) \
+  TORCH_LIBRARY(ns, m) { HPML_SCHEMAS(HPML_DEF_ONE) }
+#define HPML_DEFINE_LIBRARY() HPML_TORCH_LIBRARY(HPML_LIBRARY)
 
 // Calls f(std::true_type) or f(std::false_type): a runtime flag made a template argument.
 template <typename F>

@@ -88,10 +88,4 @@ PyObject* PyInit__C(void) {
 }
 }
 
-// One level of expansion, so that HPML_LIBRARY is replaced before TORCH_LIBRARY pastes it.
-#define HPML_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
-HPML_TORCH_LIBRARY(HPML_LIBRARY, m) {
-#define HPML_DEF(name, schema) m.def(#name schema);
-  HPML_SCHEMAS(HPML_DEF)
-#undef HPML_DEF
-}
+HPML_DEFINE_LIBRARY()

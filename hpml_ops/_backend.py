@@ -1,12 +1,15 @@
 """Which implementation runs an op: "triton", "cpp" (the compiled extension: C++ kernels for CPU
-tensors, CUDA kernels for CUDA tensors) or "reference" (pure PyTorch). "auto", the default, picks
-triton for CUDA tensors, cpp for CPU tensors and reference otherwise, falling back along that
-order when one is unavailable. The choice is process-wide: ``use_backend`` or ``HPML_BACKEND``.
+tensors, CUDA kernels for CUDA tensors), "cuda-emu" (the CUDA kernels run on CPU tensors by the
+emulator, hpml_ops._C_emu: for testing them without a GPU) or "reference" (pure PyTorch). "auto",
+the default, picks triton for CUDA tensors, cpp for CPU tensors and reference otherwise, falling
+back along that order when one is unavailable (never the emulator). The choice is process-wide:
+``use_backend`` or ``HPML_BACKEND``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import os
 import sys
@@ -14,7 +17,7 @@ from collections.abc import Iterator
 
 import torch
 
-BACKENDS = ("triton", "cpp", "reference")
+BACKENDS = ("triton", "cpp", "cuda-emu", "reference")
 CHOICES = ("auto", *BACKENDS)
 
 
@@ -22,20 +25,23 @@ class BackendUnavailableError(RuntimeError):
     """The backend asked for cannot run here; the message says why."""
 
 
-def _load_extension():
+def _load(name: str, what: str):
+    """(module, None) or (None, why): importing a compiled module registers its ops' kernels."""
     try:
-        from . import _C  # noqa: F401  (importing it registers the torch.ops.hpml kernels)
-
-        return _C, None
+        return importlib.import_module(f"{__package__}.{name}"), None
     except ImportError as e:
         return None, (
-            f"the compiled extension hpml_ops._C could not be imported ({e}); build it with "
-            "`make build` (or `pip install --no-build-isolation -e .`)"
+            f"{what} hpml_ops.{name} could not be imported ({e}); build it with `make build` "
+            "(or `pip install --no-build-isolation -e .`)"
         )
 
 
-_C, _C_ERROR = _load_extension()
+# torch.ops.hpml: the C++ CPU kernels and the CUDA kernels.
+_C, _C_ERROR = _load("_C", "the compiled extension")
 HAS_EXTENSION = _C is not None
+# torch.ops.hpml_emu: the CUDA kernels run on CPU tensors by the emulator (csrc/emu).
+_C_EMU, _C_EMU_ERROR = _load("_C_emu", "the CUDA emulator")
+HAS_EMULATOR = _C_EMU is not None
 
 
 def _initial_choice() -> str:
@@ -75,6 +81,16 @@ def unavailable_reason(name: str, device_type: str, op: str | None = None) -> st
                 return f"the C++ backend has no CUDA kernel for {op} yet"
             return None if torch.cuda.is_available() else "no CUDA device is available"
         return f"the C++ kernels handle CPU and CUDA tensors, not {device_type}"
+    if name == "cuda-emu":
+        if _C_EMU is None:
+            return _C_EMU_ERROR
+        if device_type != "cpu":
+            return f"the CUDA emulator runs the CUDA kernels on CPU tensors, not {device_type}"
+        if op is not None and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"hpml_emu::{op}", "CPU"
+        ):
+            return f"the CUDA emulator has no kernel for {op}"
+        return None
     if name == "triton":
         try:
             found = importlib.util.find_spec("triton") is not None
@@ -103,7 +119,8 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     """The backends that can run ops on tensors of ``device`` (default: CUDA if present, else
     CPU), in the order "auto" prefers them."""
     dt = torch.device(device).type if device is not None else _default_device_type()
-    order = ("triton", "cpp", "reference") if dt == "cuda" else ("cpp", "triton", "reference")
+    order = ("triton", "cpp") if dt == "cuda" else ("cpp", "triton", "cuda-emu")
+    order += ("reference",)
     return [b for b in order if unavailable_reason(b, dt) is None]
 
 

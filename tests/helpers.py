@@ -8,7 +8,7 @@ import torch
 import hpml_ops
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-NON_REFERENCE = ("cpp", "triton")
+NON_REFERENCE = ("cpp", "triton", "cuda-emu")
 
 # One table for every op. fp32/fp64: against the float64 oracle, (atol, rtol).
 # fp16/bf16: the error against the float64 oracle may be at most LOWP_FACTOR x torch's own error
@@ -25,7 +25,7 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def backend_params(include_reference: bool = True, op: str | None = None):
     """pytest params for every backend; unavailable ones (for ``op``, when given) are skipped
     with the reason."""
-    names = ("cpp", "triton", "reference") if include_reference else NON_REFERENCE
+    names = (*NON_REFERENCE, "reference") if include_reference else NON_REFERENCE
     out = []
     for b in names:
         reason = hpml_ops._backend.unavailable_reason(b, torch.device(DEVICE).type, op)

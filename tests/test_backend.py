@@ -31,7 +31,7 @@ def test_available_backends_and_status():
     avail = hpml_ops.available_backends(DEVICE)
     assert "reference" in avail
     status = hpml_ops.backend_status(DEVICE)
-    assert set(status) == {"triton", "cpp", "reference"}
+    assert set(status) == {"triton", "cpp", "cuda-emu", "reference"}
     for b in avail:
         assert status[b] == "available"
 
@@ -66,7 +66,7 @@ def test_env_variable_selects_the_backend():
     assert r.stdout.strip() == "reference"
     r = _run("import hpml_ops", HPML_BACKEND="fast")
     assert r.returncode != 0
-    assert "HPML_BACKEND='fast' is not one of auto, triton, cpp, reference" in r.stderr
+    assert "HPML_BACKEND='fast' is not one of auto, triton, cpp, cuda-emu, reference" in r.stderr
 
 
 def test_triton_on_cpu_needs_the_interpreter():
@@ -95,7 +95,7 @@ BLOCK_IMPORTS = """
 import sys, importlib.abc
 class _Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name in ("hpml_ops._C", "triton") or name.startswith("triton."):
+        if name in ("hpml_ops._C", "hpml_ops._C_emu", "triton") or name.startswith("triton."):
             raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
         return None
 sys.meta_path.insert(0, _Block())
@@ -103,8 +103,9 @@ sys.meta_path.insert(0, _Block())
 
 
 def test_imports_without_extension_and_triton():
-    """The package imports with neither the compiled extension nor triton; the missing backends
-    say why, and the reference backend still works."""
+    """The package imports with neither the compiled extensions (hpml_ops._C, the emulator
+    hpml_ops._C_emu) nor triton; the missing backends say why, and the reference backend still
+    works."""
     r = _run(
         BLOCK_IMPORTS
         + """
@@ -112,6 +113,7 @@ import torch, hpml_ops
 st = hpml_ops.backend_status("cpu")
 print("cpp:", st["cpp"])
 print("triton:", st["triton"])
+print("cuda-emu:", st["cuda-emu"])
 print("available:", hpml_ops.available_backends("cpu"))
 x, y = torch.randn(5, 3), torch.rand(5, 3)
 out = hpml_ops.binary_cross_entropy_with_logits(x, y)
@@ -129,6 +131,7 @@ print("triton imported:", "triton" in sys.modules)
     out = r.stdout
     assert "cpp: the compiled extension hpml_ops._C could not be imported" in out
     assert "triton: triton is not installed" in out
+    assert "cuda-emu: the CUDA emulator hpml_ops._C_emu could not be imported" in out
     assert "available: ['reference']" in out
     assert "equal: True" in out
     assert "cpp raised: backend 'cpp' is not available" in out

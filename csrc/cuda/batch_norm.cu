@@ -471,9 +471,9 @@ Partials<at::opmath_type<scalar_t>> reduce(const Walk& w, ReduceArgs<scalar_t> a
   gpu::dispatch_vec<gpu::kVec16<scalar_t>>(vec > 1, [&](auto v) {
     constexpr int V = decltype(v)::value;
     if (w.rows) {
-      gpu::launch(bn_reduce_rows_kernel<scalar_t, V, GRAD>, grid, block, 0, stream, a);
+      gpu::launch<bn_reduce_rows_kernel<scalar_t, V, GRAD>>(grid, block, 0, stream, a);
     } else {
-      gpu::launch(bn_reduce_planes_kernel<scalar_t, V, GRAD>, grid, block, 0, stream, a);
+      gpu::launch<bn_reduce_planes_kernel<scalar_t, V, GRAD>>(grid, block, 0, stream, a);
     }
   });
   return p;
@@ -779,8 +779,8 @@ void apply(const Walk& w, ApplyArgs<scalar_t> a, cudaStream_t stream) {
                     static_cast<unsigned>(std::min(ceil_div(w.outer, int64_t(t.ty) * ITEMS), kMaxGridY)));
     const dim3 block(t.tx, t.ty);
     gpu::dispatch_vec<V>(vec > 1, [&](auto v) {
-      gpu::launch(bn_apply_rows_kernel<scalar_t, decltype(v)::value, BWD>, grid, block, 0,
-                   stream, a);
+      gpu::launch<bn_apply_rows_kernel<scalar_t, decltype(v)::value, BWD>>(grid, block, 0,
+                                                                           stream, a);
     });
   } else {
     const int64_t step = int64_t(kThreads) * vec;
@@ -789,8 +789,8 @@ void apply(const Walk& w, ApplyArgs<scalar_t> a, cudaStream_t stream) {
     const int64_t blocks = ceil_div(a.numel, step * ITEMS);
     TORCH_CHECK(blocks < (int64_t(1) << 31), "hpml::batch_norm: input too large");
     gpu::dispatch_vec<V>(vec > 1, [&](auto v) {
-      gpu::launch(bn_apply_planes_kernel<scalar_t, decltype(v)::value, BWD>,
-                   static_cast<unsigned>(blocks), kThreads, 0, stream, a);
+      gpu::launch<bn_apply_planes_kernel<scalar_t, decltype(v)::value, BWD>>(
+          static_cast<unsigned>(blocks), kThreads, 0, stream, a);
     });
   }
 }
@@ -854,8 +854,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_cuda(
         f.invstd_out = invstd.mutable_data_ptr<acc_t>();
         f.var_out = training ? var.mutable_data_ptr<acc_t>() : nullptr;
         f.coef = apply_pass ? coef.mutable_data_ptr<acc_t>() : nullptr;
-        gpu::launch(bn_forward_finalize_kernel<scalar_t>, finalize_grid(C), finalize_block(), 0,
-                    stream, f);
+        gpu::launch<bn_forward_finalize_kernel<scalar_t>>(finalize_grid(C), finalize_block(), 0,
+                                                  stream, f);
         if (apply_pass) {
           ApplyArgs<scalar_t> ap;
           ap.x = l.x.const_data_ptr<scalar_t>();
@@ -918,8 +918,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
         f.dw = channel_out(dw);
         f.db = channel_out(db);
         f.coef = dx_pass ? coef.mutable_data_ptr<acc_t>() : nullptr;
-        gpu::launch(bn_grad_finalize_kernel<acc_t>, finalize_grid(C), finalize_block(), 0,
-                    stream, f);
+        gpu::launch<bn_grad_finalize_kernel<acc_t>>(finalize_grid(C), finalize_block(), 0,
+                                                  stream, f);
         if (dx_pass) {
           ApplyArgs<scalar_t> ap;
           ap.x = training ? l.x.const_data_ptr<scalar_t>() : nullptr;
@@ -961,8 +961,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input
         f.training = true;
         f.mean_out = mean.mutable_data_ptr<acc_t>();
         f.bvar_out = var.mutable_data_ptr<acc_t>();
-        gpu::launch(bn_forward_finalize_kernel<scalar_t>, finalize_grid(C), finalize_block(), 0,
-                    stream, f);
+        gpu::launch<bn_forward_finalize_kernel<scalar_t>>(finalize_grid(C), finalize_block(), 0,
+                                                  stream, f);
       });
   return {mean, var};
 }
@@ -1005,8 +1005,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Ten
         f.from_partials = true;
         f.sdz_out = sdz.mutable_data_ptr<acc_t>();
         f.sdz_xmu_out = sdzx.mutable_data_ptr<acc_t>();
-        gpu::launch(bn_grad_finalize_kernel<acc_t>, finalize_grid(C), finalize_block(), 0,
-                    stream, f);
+        gpu::launch<bn_grad_finalize_kernel<acc_t>>(finalize_grid(C), finalize_block(), 0,
+                                                  stream, f);
       });
   return {sdz, sdzx};
 }
@@ -1049,8 +1049,8 @@ at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad, const at::Tens
         f.invstd = ia.in;
         f.weight = wa.in;
         f.coef = coef.mutable_data_ptr<acc_t>();
-        gpu::launch(bn_grad_finalize_kernel<acc_t>, finalize_grid(C), finalize_block(), 0,
-                    stream, f);
+        gpu::launch<bn_grad_finalize_kernel<acc_t>>(finalize_grid(C), finalize_block(), 0,
+                                                  stream, f);
         ApplyArgs<scalar_t> ap;
         ap.x = l.x.const_data_ptr<scalar_t>();
         ap.dy = g.const_data_ptr<scalar_t>();

@@ -229,15 +229,15 @@ at::Tensor bce_with_logits_cuda(const at::Tensor& input, const at::Tensor& targe
             constexpr bool HW = decltype(has_w)::value, HP = decltype(has_pw)::value;
             const auto wp = bcast_ptr<scalar_t>(a.w, n), pwp = bcast_ptr<scalar_t>(a.pw, n);
             gpu::dispatch_vec<kVec>(can_vectorize({x, y, o}, wp, pwp), [&](auto vec) {
-              gpu::launch(bce_fwd_kernel<scalar_t, decltype(vec)::value, HW, HP>, nblocks,
-                           kThreads, 0, stream, x, y, wp, pwp, o, part, n);
+              gpu::launch<bce_fwd_kernel<scalar_t, decltype(vec)::value, HW, HP>>(
+                  nblocks, kThreads, 0, stream, x, y, wp, pwp, o, part, n);
             });
           });
         });
         if (reduce) {
-          gpu::launch(bce_sum_partials_kernel<scalar_t>, 1, kSumThreads, 0, stream, part, nblocks,
-                       out.mutable_data_ptr<scalar_t>(),
-                       reduction == at::Reduction::Mean ? n : int64_t(0));
+          gpu::launch<bce_sum_partials_kernel<scalar_t>>(
+              1, kSumThreads, 0, stream, part, nblocks, out.mutable_data_ptr<scalar_t>(),
+              reduction == at::Reduction::Mean ? n : int64_t(0));
         }
       });
   return out;
@@ -279,8 +279,8 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cuda(
                 const int64_t per_block = int64_t(kThreads) * V;
                 const int64_t blocks =
                     std::min<int64_t>((n + per_block - 1) / per_block, int64_t(sms) * 16);
-                gpu::launch(bce_bwd_kernel<scalar_t, V, HW, HP, GE>, blocks, kThreads, 0, stream,
-                             gp, mean_div, x, y, wp, pwp, gxp, gyp, n);
+                gpu::launch<bce_bwd_kernel<scalar_t, V, HW, HP, GE>>(
+                    blocks, kThreads, 0, stream, gp, mean_div, x, y, wp, pwp, gxp, gyp, n);
               });
             });
           });

@@ -83,13 +83,18 @@ inline void dispatch_vec(bool vec, F&& f) {
   }
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...), then the launch check (an invalid configuration
-// raises here, naming this launch).
-template <typename... Params, typename... Args>
-inline void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                   cudaStream_t stream, Args&&... args) {
-  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+// kKernel<<<grid, block, smem, stream>>>(args...), then the launch check (an invalid
+// configuration raises here). In the emulated build (csrc/emu) the emulator runs it on the CPU,
+// naming the kernel in what it reports.
+template <auto kKernel, typename... Args>
+inline void launch(dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+#ifdef HPML_EMU
+  (void)stream;
+  ::hpml_emu::launch(kKernel, __PRETTY_FUNCTION__, grid, block, smem, std::forward<Args>(args)...);
+#else
+  kKernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
 }
 
 }  // namespace gpu

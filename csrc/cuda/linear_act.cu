@@ -342,8 +342,9 @@ void launch_gemm(const ASrc& a, const BSrc& b, const Epi& epi, int64_t M, int64_
   using C = Cfg<T>;
   const int64_t gx = (N + C::BN - 1) / C::BN, gy = (M + C::BM - 1) / C::BM;
   TORCH_CHECK(gy < 65536, "hpml::linear_act: too many rows for one launch (", M, ")");
-  gpu::launch(gemm_kernel<T, ASrc, BSrc, Epi>, dim3(gx, gy), C::THREADS, 0,
-              at::cuda::getCurrentCUDAStream(), a, b, epi, M, N, K);
+  gpu::launch<gemm_kernel<T, ASrc, BSrc, Epi>>(dim3(gx, gy), C::THREADS, 0,
+                                               at::cuda::getCurrentCUDAStream(), a, b, epi, M, N,
+                                               K);
 }
 
 using gpu::aligned16;
@@ -431,8 +432,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cuda(
                 StoreEpilogue<scalar_t>{dw.mutable_data_ptr<scalar_t>(), N, K, K}, N, K, M);
           }
           if (bias_grad && N > 0) {
-            gpu::launch(bias_grad_kernel<scalar_t, A>, dim3((N + 31) / 32), dim3(32, 8), 0,
-                        at::cuda::getCurrentCUDAStream(), dz, db.mutable_data_ptr<scalar_t>(), M, N);
+            gpu::launch<bias_grad_kernel<scalar_t, A>>(dim3((N + 31) / 32), dim3(32, 8), 0,
+                                                       at::cuda::getCurrentCUDAStream(), dz,
+                                                       db.mutable_data_ptr<scalar_t>(), M, N);
           }
         });
       });

@@ -107,7 +107,7 @@ class Op:
     it; ``cpp``: the C++ forward (None without the extension); ``reference``: the oracle."""
 
     spec: OpSpec
-    ops: dict[str, dict[str, torch._ops.OpOverload]]
+    ops: dict[str, dict[str, torch._ops.OpOverload]]  # "triton", "cpp", "cuda-emu"
     forward: dict[str, Callable]
     reference: Callable
 
@@ -155,12 +155,16 @@ def register(spec: OpSpec) -> Op:
         ops["triton"][op] = _define_triton_op(spec.name, op, schema)
     if _backend.HAS_EXTENSION and all(hasattr(torch.ops.hpml, op) for op in names):
         ops["cpp"] = {op: getattr(torch.ops.hpml, op).default for op in names}
+    if _backend.HAS_EMULATOR and all(hasattr(torch.ops.hpml_emu, op) for op in names):
+        ops["cuda-emu"] = {op: getattr(torch.ops.hpml_emu, op).default for op in names}
     forward = {}
     for backend, overloads in ops.items():
         for op, overload in overloads.items():
             torch.library.register_fake(overload)(spec.fakes[op])
         fwd, bwd = overloads[names[0]], overloads[names[1]]
-        forward[backend] = _register_autograd(spec, fwd, bwd, cpp=backend == "cpp")
+        # The C++ libraries (hpml, and hpml_emu built from the same sources) carry the
+        # forward's formula in C++ (csrc/autograd.cpp); the Triton ops get the Python one.
+        forward[backend] = _register_autograd(spec, fwd, bwd, cpp=backend != "triton")
         _register_autocast(fwd, spec.autocast)
     result = Op(spec, ops, forward, getattr(reference, spec.name))
     REGISTERED[spec.name] = result
