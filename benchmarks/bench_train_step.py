@@ -42,7 +42,7 @@ import sys
 import time
 
 import torch
-from common import base_parser, bench_side_by_side, env_note, finish, machine, sync, timing_columns
+from common import base_parser, bench_side_by_side, env_note, finish, machine, record_flops, sync
 from torch import nn
 
 import hpml_ops
@@ -236,19 +236,10 @@ def main(argv=None) -> int:
         res = bench_side_by_side(
             {prov: (t.step, None) for prov, t in trainers.items()}, device, min_time=args.min_time
         )
-        flops = linear_flops(model, batch)
-        for prov in live:
-            r = res[prov]
-            rows.append(
-                {"model": name, "batch": batch, "provider": prov}
-                | timing_columns(r, live, 3)
-                | {"GFLOP/s": round(flops / (r["ms"] * 1e-3) / 1e9, 1)}
-            )
-            print(
-                f"{name:>5} batch {batch:>5} {prov:>12}: {r['ms']:9.3f} ms/step "
-                f"{r['vs_first']:6.3f}x eager",
-                flush=True,
-            )
+        key = {"model": name, "batch": batch}
+        record_flops(
+            rows, key, f"{name:>5} batch {batch:>5}", res, linear_flops(model, batch), "ms/step"
+        )
         if args.profile:
             table = profile(trainers, steps=args.profile_steps)
             print(f"\n## {name}: profile over {args.profile_steps} steps\n\n{table}")

@@ -364,3 +364,18 @@ def record_bandwidth(
             f"{r['vs_first']:5.2f}x eager",
             flush=True,
         )
+
+
+def record_flops(
+    rows: list[dict], key: dict, label: str, res: dict[str, dict], flops: float, unit: str = "ms"
+) -> None:
+    """For each provider timed in ``res``: a row (the ``key`` columns, the provider, the timing
+    columns and the rate of ``flops`` in GFLOP/s) and a printed line starting with ``label``."""
+    live = list(res)
+    for prov, r in res.items():
+        rows.append(
+            {**key, "provider": prov}
+            | timing_columns(r, live, 3)
+            | {"GFLOP/s": round(flops / (r["ms"] * 1e-3) / 1e9, 2)}
+        )
+        print(f"{label} {prov:>12}: {r['ms']:9.3f} {unit} {r['vs_first']:6.3f}x eager", flush=True)

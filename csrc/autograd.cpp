@@ -24,15 +24,7 @@
 #include <tuple>
 
 #include "constants.h"
-
-// The library these formulas serve: hpml, or hpml_emu in the emulated build (csrc/emu), whose ops
-// are the CUDA kernels run on CPU tensors; "library::name" of an op.
-#ifndef HPML_LIBRARY
-#define HPML_LIBRARY hpml
-#endif
-#define HPML_STR2(x) #x
-#define HPML_STR(x) HPML_STR2(x)
-#define HPML_OP(name) HPML_STR(HPML_LIBRARY) "::" name
+#include "common.h"
 
 namespace hpml {
 namespace {
@@ -236,12 +228,135 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_autograd(
   return {r[0], r[1], r[2], r[3]};
 }
 
+// ---- mlp ------------------------------------------------------------------------------------
+
+// Absent biases and batch-norm tensors are empty (0, 0) tensors in the lists (schema.py).
+using MlpSig = std::tuple<at::Tensor, std::vector<at::Tensor>>(
+    const at::Tensor&, at::TensorList, at::TensorList, const c10::List<bool>&, at::TensorList,
+    at::TensorList, at::TensorList, at::TensorList, bool, double, int64_t, double, int64_t);
+using MlpBwdSig = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                             std::vector<at::Tensor>, std::vector<at::Tensor>>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList,
+    const c10::List<bool>&, at::TensorList, at::TensorList, bool, int64_t, double, int64_t, bool,
+    const c10::List<bool>&, const c10::List<bool>&, const c10::List<bool>&,
+    const c10::List<bool>&);
+
+// Autograd sees the tensors of every list as inputs, in order: input, weights (L), biases (L),
+// bn_weights, bn_biases, running_means, running_vars (L - 1 each).
+class MlpFn : public torch::autograd::Function<MlpFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
+                               at::TensorList weights, at::TensorList biases,
+                               c10::List<bool> batch_norm, at::TensorList bn_weights,
+                               at::TensorList bn_biases, at::TensorList running_means,
+                               at::TensorList running_vars, bool training, double eps,
+                               int64_t activation, double negative_slope,
+                               int64_t output_activation) {
+    static const auto op = op_handle<MlpSig>(HPML_OP("mlp"));
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, saved] = op.call(input, weights, biases, batch_norm, bn_weights, bn_biases,
+                                running_means, running_vars, training, eps, activation,
+                                negative_slope, output_activation);
+    const int64_t L = static_cast<int64_t>(weights.size());
+    variable_list keep{input, out};
+    keep.insert(keep.end(), weights.begin(), weights.end());
+    keep.insert(keep.end(), biases.begin(), biases.end());
+    keep.insert(keep.end(), bn_weights.begin(), bn_weights.end());
+    keep.insert(keep.end(), saved.begin(), saved.end());
+    ctx->save_for_backward(keep);
+    ctx->saved_data["L"] = L;
+    ctx->saved_data["batch_norm"] = batch_norm;
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["negative_slope"] = negative_slope;
+    ctx->saved_data["output_activation"] = output_activation;
+    variable_list result{out};
+    result.insert(result.end(), saved.begin(), saved.end());
+    ctx->mark_non_differentiable(variable_list(result.begin() + 1, result.end()));
+    return result;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<MlpBwdSig>(HPML_OP("mlp_backward"));
+    const int64_t L = ctx->saved_data["L"].toInt();
+    const int64_t H = L - 1;
+    // Indices of the tensor inputs (what needs_input_grad counts) and positions of all the
+    // arguments (what the result lists: the batch_norm flags sit between biases and bn_weights,
+    // five scalars end it).
+    const int64_t vw = 1, vb = vw + L, vbw = vb + L, vbb = vbw + H;
+    const int64_t aw = 1, ab = aw + L, abw = ab + L + 1, abb = abw + H;
+    variable_list result(abb + 3 * H + 5);
+    const bool ig = ctx->needs_input_grad(0);
+    c10::List<bool> wg, bg, bwg, bbg;
+    bool any = ig;
+    for (int64_t i = 0; i < L; ++i) {
+      wg.push_back(ctx->needs_input_grad(vw + i));
+      bg.push_back(ctx->needs_input_grad(vb + i));
+      any = any || wg.get(i) || bg.get(i);
+    }
+    for (int64_t i = 0; i < H; ++i) {
+      bwg.push_back(ctx->needs_input_grad(vbw + i));
+      bbg.push_back(ctx->needs_input_grad(vbb + i));
+      any = any || bwg.get(i) || bbg.get(i);
+    }
+    if (!any) return result;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& input = saved[0];
+    const at::Tensor& out = saved[1];
+    const at::TensorList weights(saved.data() + 2, L);
+    const at::TensorList biases(saved.data() + 2 + L, L);
+    const at::TensorList bn_weights(saved.data() + 2 + 2 * L, H);
+    const at::TensorList fwd_saved(saved.data() + 2 + 2 * L + H, saved.size() - (2 + 2 * L + H));
+    variable_list g;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      auto [gx, gw, gb, gbw, gbb] = op.call(
+          grads[0], input, out, weights, biases, ctx->saved_data["batch_norm"].toBoolList(),
+          bn_weights, fwd_saved,
+          ctx->saved_data["training"].toBool(), ctx->saved_data["activation"].toInt(),
+          ctx->saved_data["negative_slope"].toDouble(),
+          ctx->saved_data["output_activation"].toInt(), ig, wg, bg, bwg, bbg);
+      g.push_back(ig ? gx : at::Tensor());
+      for (int64_t i = 0; i < L; ++i) g.push_back(wg.get(i) ? gw[i] : at::Tensor());
+      for (int64_t i = 0; i < L; ++i) g.push_back(bg.get(i) ? gb[i] : at::Tensor());
+      for (int64_t i = 0; i < H; ++i) g.push_back(bwg.get(i) ? gbw[i] : at::Tensor());
+      for (int64_t i = 0; i < H; ++i) g.push_back(bbg.get(i) ? gbb[i] : at::Tensor());
+    }
+    variable_list differentiable{grads[0], input};
+    differentiable.insert(differentiable.end(), weights.begin(), weights.end());
+    g = once_differentiable(std::move(g), differentiable, HPML_OP("mlp"));
+    // g: input, weights, biases, bn_weights, bn_biases, each at its argument's position.
+    result[0] = g[0];
+    for (int64_t i = 0; i < L; ++i) {
+      result[aw + i] = g[1 + i];
+      result[ab + i] = g[1 + L + i];
+    }
+    for (int64_t i = 0; i < H; ++i) {
+      result[abw + i] = g[1 + 2 * L + i];
+      result[abb + i] = g[1 + 2 * L + H + i];
+    }
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_autograd(
+    const at::Tensor& input, at::TensorList weights, at::TensorList biases,
+    const c10::List<bool>& batch_norm, at::TensorList bn_weights, at::TensorList bn_biases,
+    at::TensorList running_means, at::TensorList running_vars, bool training, double eps,
+    int64_t activation, double negative_slope, int64_t output_activation) {
+  variable_list r = MlpFn::apply(input, weights, biases, batch_norm, bn_weights, bn_biases,
+                                 running_means, running_vars, training, eps, activation,
+                                 negative_slope, output_activation);
+  return {r[0], std::vector<at::Tensor>(r.begin() + 1, r.end())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(HPML_LIBRARY, Autograd, m) {
   m.impl("linear_act", &linear_act_autograd);
   m.impl("bce_with_logits", &bce_with_logits_autograd);
   m.impl("batch_norm", &batch_norm_autograd);
+  m.impl("mlp", &mlp_autograd);
 }
 
 }  // namespace hpml

@@ -51,11 +51,7 @@ inline at::Tensor same_layout(const at::Tensor& t, const BnLayout& l) {
 
 inline void check_channel_vector(const char* op, const std::optional<at::Tensor>& t,
                                  const at::Tensor& input, const char* name) {
-  if (!present(t)) return;
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == input.size(1), op, ": ", name, " should contain ",
-              input.size(1), " elements (one per channel), got shape ", py_shape(t->sizes()));
-  check_floating(op, *t, name);
-  check_same_device(op, input, *t, name);
+  check_per_channel(op, t, input.size(1), input, name);
 }
 
 // Whether batch norm's activation code asks for the fused ReLU (else none).

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ExpandUtils.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include "constants.h"
 #include "hpml_schemas.h"  // generated from hpml_ops/ops/schema.py (build/generated/)
@@ -88,6 +89,16 @@ inline void check_like(const char* op, const at::Tensor& ref, const at::Tensor& 
 
 inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// A per-channel vector (n,), floating point, on ref's device; absent passes (check.per_channel).
+inline void check_per_channel(const char* op, const std::optional<at::Tensor>& t, int64_t n,
+                              const at::Tensor& ref, const char* name) {
+  if (!present(t)) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == n, op, ": ", name, " should contain ", n,
+              " elements (one per channel), got shape ", py_shape(t->sizes()));
+  check_floating(op, *t, name);
+  check_same_device(op, ref, *t, name);
+}
+
 // A tensor broadcast to a shape S, read as: element i of the row-major flattening of S reads
 // data[(i / inner) % period]. This covers a full tensor (inner 1, period numel), a per-feature
 // vector broadcast over rows (inner 1, period C), a per-row value (inner C), and a scalar
@@ -159,6 +170,10 @@ inline Bcast make_bcast(const char* op, const at::Tensor& t, at::IntArrayRef sha
 #ifndef HPML_LIBRARY
 #define HPML_LIBRARY hpml
 #endif
+// "library::name" of an op of this build's library (hpml, or hpml_emu in the emulated build).
+#define HPML_STR2(x) #x
+#define HPML_STR(x) HPML_STR2(x)
+#define HPML_OP(name) HPML_STR(HPML_LIBRARY) "::" name
 #ifdef HPML_EMU
 #define HPML_IMPL_ONE(op, suffix) m.impl(#op, &::hpml_emu::EmuOp<&op##suffix>::call);
 #define HPML_REGISTER_KERNELS(family, key, suffix) \

@@ -14,7 +14,7 @@ from ._backend import (
     use_backend,
 )
 from .convert import convert
-from .ops import batch_norm, binary_cross_entropy_with_logits, linear_act, linear_relu
+from .ops import batch_norm, binary_cross_entropy_with_logits, linear_act, linear_relu, mlp
 
 __version__ = "0.1.0"
 
@@ -38,6 +38,7 @@ __all__ = [
     "get_backend",
     "linear_act",
     "linear_relu",
+    "mlp",
     "models",
     "nn",
     "reference",

@@ -48,17 +48,7 @@ def linear_act(
     """``act(F.linear(input, weight, bias))`` with torch's own activation, optionally in
     float64."""
     z = F.linear(_up(input, upcast), _up(weight, upcast), _up(bias, upcast))
-    if activation == "relu":
-        return F.relu(z)
-    if activation == "leaky_relu":
-        return F.leaky_relu(z, negative_slope)
-    if activation == "sigmoid":
-        return torch.sigmoid(z)
-    if activation == "tanh":
-        return torch.tanh(z)
-    if activation == "none":
-        return z
-    raise ValueError(f"unknown activation {activation!r}")
+    return _activate(z, activation, negative_slope)
 
 
 def batch_norm(
@@ -87,3 +77,60 @@ def batch_norm(
         eps,
     )
     return F.relu(out) if activation == "relu" else out
+
+
+def _activate(z: Tensor, activation: str, negative_slope: float) -> Tensor:
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "leaky_relu":
+        return F.leaky_relu(z, negative_slope)
+    if activation == "sigmoid":
+        return torch.sigmoid(z)
+    if activation == "tanh":
+        return torch.tanh(z)
+    if activation == "none":
+        return z
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def mlp(
+    input: Tensor,
+    weights,
+    biases=None,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    output_activation: str = "none",
+    batch_norm=False,
+    bn_weights=None,
+    bn_biases=None,
+    running_means=None,
+    running_vars=None,
+    training: bool = False,
+    momentum=0.1,
+    eps: float = 1e-5,
+    *,
+    upcast: bool = False,
+) -> Tensor:
+    """The MLP of ``hpml_ops.mlp`` from torch's own ops (``F.linear``, ``F.batch_norm``, the
+    activations), optionally in float64 (then the running statistics are updated in float64
+    copies, not in place)."""
+    n = len(weights)
+    biases = [None] * n if biases is None else list(biases)
+    flags = [bool(batch_norm)] * (n - 1) if isinstance(batch_norm, bool) else list(batch_norm)
+
+    def per_hidden(v):
+        return [None] * (n - 1) if v is None else list(v)
+
+    bn_w, bn_b, r_m, r_v = map(per_hidden, (bn_weights, bn_biases, running_means, running_vars))
+    momenta = list(momentum) if isinstance(momentum, list | tuple) else [momentum] * (n - 1)
+    h = _up(input, upcast)
+    for i in range(n - 1):
+        h = F.linear(h, _up(weights[i], upcast), _up(biases[i], upcast))
+        if flags[i]:
+            h = F.batch_norm(
+                h, _up(r_m[i], upcast), _up(r_v[i], upcast), _up(bn_w[i], upcast),
+                _up(bn_b[i], upcast), training, momenta[i], eps,
+            )  # fmt: skip
+        h = _activate(h, activation, negative_slope)
+    y = F.linear(h, _up(weights[-1], upcast), _up(biases[-1], upcast))
+    return _activate(y, output_activation, negative_slope)

@@ -137,6 +137,15 @@ PUBLIC_CASES = {
         hpml_ops.binary_cross_entropy_with_logits,
         lambda: (_t(4, 3), _t(4, 3, device="meta")),
     ),
+    "mlp: layer widths": (hpml_ops.mlp, lambda: (_t(4, 5), [_t(6, 5), _t(2, 7)])),
+    "mlp: a layer's dtype": (
+        hpml_ops.mlp,
+        lambda: (_t(4, 5), [_t(6, 5), _t(2, 6, dtype=torch.float64)]),
+    ),
+    "mlp: one row in training": (
+        lambda x, ws: hpml_ops.mlp(x, ws, batch_norm=True, training=True),
+        lambda: (_t(1, 5), [_t(6, 5), _t(2, 6)]),
+    ),
     "batch_norm: 1-D input": (hpml_ops.batch_norm, lambda: (_t(5), None, None, None, None, True)),
     "batch_norm: integer input": (
         hpml_ops.batch_norm,

@@ -4,6 +4,7 @@
 from .batch_norm import BatchNorm1d, BatchNorm2d
 from .bce_with_logits import BCEWithLogitsLoss
 from .linear_act import FusedLinear
+from .mlp import FusedMLP
 from .sync_batch_norm import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "FusedLinear",
+    "FusedMLP",
     "SyncBatchNorm",
     "convert_sync_batchnorm",
 ]

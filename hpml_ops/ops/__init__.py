@@ -3,5 +3,12 @@
 from .batch_norm import batch_norm
 from .bce_with_logits import binary_cross_entropy_with_logits
 from .linear_act import linear_act, linear_relu
+from .mlp import mlp
 
-__all__ = ["batch_norm", "binary_cross_entropy_with_logits", "linear_act", "linear_relu"]
+__all__ = [
+    "batch_norm",
+    "binary_cross_entropy_with_logits",
+    "linear_act",
+    "linear_relu",
+    "mlp",
+]

@@ -40,6 +40,20 @@ def same_dtype(op: str, ref: Tensor, t: Tensor, name: str) -> None:
         )
 
 
+def per_channel(op: str, t, n: int, ref: Tensor, name: str) -> None:
+    """A per-channel vector ``(n,)``, floating point, on ``ref``'s device; None passes
+    (``check_per_channel``)."""
+    tensor(op, name, t, optional=True)
+    if t is None:
+        return
+    if t.dim() != 1 or t.shape[0] != n:
+        raise RuntimeError(
+            f"{op}: {name} should contain {n} elements (one per channel), got shape {shape(t)}"
+        )
+    floating(op, t, name)
+    same_device(op, ref, t, name)
+
+
 def broadcastable_to(shape: torch.Size, target: torch.Size) -> bool:
     if len(shape) > len(target):
         return False

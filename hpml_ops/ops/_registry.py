@@ -54,7 +54,8 @@ class OpSpec:
         op), ``reference.<name>``, and the op name backends are resolved for.
     autocast: the forward's autocast policy: ``torch.float32`` (floating inputs to fp32, as torch
         treats its losses), ``AUTOCAST_LOWER`` (to the autocast dtype, as its matrix products)
-        or None (inputs as they come, as its batch norm).
+        or None (inputs as they come, as its batch norm); ``autocast_args``: with
+        ``AUTOCAST_LOWER``, cast only the first so many arguments.
     fakes: op name -> fake kernel (``@SPEC.fake(op)``): the op's contract checks, then empty
         outputs of the right shapes, dtypes and devices (``torch.compile``, ``opcheck``, meta).
     setup_context_fn, backward_fn: the forward's autograd formula for the Triton ops
@@ -63,11 +64,18 @@ class OpSpec:
         must stay in step.
     """
 
-    def __init__(self, name: str, *, autocast: torch.dtype | str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        autocast: torch.dtype | str | None = None,
+        autocast_args: int | None = None,
+    ) -> None:
         if name not in SCHEMAS:
             raise ValueError(f"OpSpec {name!r}: no such family in hpml_ops/ops/schema.py")
         self.name = name
         self.autocast = autocast
+        self.autocast_args = autocast_args
         self.fakes: dict[str, Callable] = {}
         self.setup_context_fn: Callable | None = None
         self.backward_fn: Callable | None = None
@@ -165,7 +173,7 @@ def register(spec: OpSpec) -> Op:
         # The C++ libraries (hpml, and hpml_emu built from the same sources) carry the
         # forward's formula in C++ (csrc/autograd.cpp); the Triton ops get the Python one.
         forward[backend] = _register_autograd(spec, fwd, bwd, cpp=backend != "triton")
-        _register_autocast(fwd, spec.autocast)
+        _register_autocast(fwd, spec.autocast, spec.autocast_args)
     result = Op(spec, ops, forward, getattr(reference, spec.name))
     REGISTERED[spec.name] = result
     return result
@@ -193,14 +201,18 @@ def _register_autograd(spec: OpSpec, fwd, bwd, *, cpp: bool) -> Callable:
     torch.library.register_autograd(
         fwd, functools.partial(spec.backward_fn, bwd_op=bwd), setup_context=spec.setup_context_fn
     )
+    if any(isinstance(a.type, torch.ListType) for a in fwd._schema.arguments):
+        # A plain autograd.Function does not see tensors inside lists: torch.library's layer
+        # (which does) it is.
+        return fwd
     return _eager_caller(fwd, bwd, spec.setup_context_fn, spec.backward_fn)
 
 
-def _register_autocast(fwd, policy) -> None:
+def _register_autocast(fwd, policy, autocast_args: int | None) -> None:
     if policy is None:
         return
     if policy == AUTOCAST_LOWER:
-        _register_autocast_lower_precision(fwd)
+        _register_autocast_lower_precision(fwd, autocast_args)
     elif hasattr(torch.library, "register_autocast"):
         for dev in _AUTOCAST_DEVICES:
             torch.library.register_autocast(fwd, dev, policy)
@@ -236,11 +248,12 @@ def _eager_caller(fwd, bwd, setup_context: Callable, backward: Callable) -> Call
     return call
 
 
-def _register_autocast_lower_precision(op) -> None:
+def _register_autocast_lower_precision(op, arg_count: int | None = None) -> None:
     """Autocast policy of torch's matrix ops for ``op``: under autocast its floating inputs (not
-    fp64) are cast to the current autocast dtype of their device (``torch.get_autocast_dtype``),
-    which ``torch.library.register_autocast``'s fixed dtype cannot express. Mirrors that
-    function's registration (a dispatcher kernel plus the Python kernel used when tracing)."""
+    fp64; tensors and lists of tensors; the first ``arg_count`` arguments when given) are cast to
+    the current autocast dtype of their device (``torch.get_autocast_dtype``), which
+    ``torch.library.register_autocast``'s fixed dtype cannot express. Mirrors that function's
+    registration (a dispatcher kernel plus the Python kernel used when tracing)."""
     ns, name = op._schema.name.split("::")
     lib = _library(ns)
     for dev in _AUTOCAST_DEVICES:
@@ -249,17 +262,23 @@ def _register_autocast_lower_precision(op) -> None:
 
         def cast_and_call(*args, _dev=dev, _dk=dispatch_key):
             dtype = torch.get_autocast_dtype(_dev)
-            cast = [
-                a.to(dtype)
-                if isinstance(a, Tensor)
-                and a.is_floating_point()
-                and a.device.type == _dev
-                and a.dtype != torch.float64
-                else a
-                for a in args
-            ]
+
+            def cast(a):
+                if isinstance(a, list | tuple):
+                    return type(a)(cast(t) for t in a)
+                if (
+                    isinstance(a, Tensor)
+                    and a.is_floating_point()
+                    and a.device.type == _dev
+                    and a.dtype != torch.float64
+                ):
+                    return a.to(dtype)
+                return a
+
+            n = len(args) if arg_count is None else arg_count
+            cast_args = [cast(a) if i < n else a for i, a in enumerate(args)]
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_dk)):
-                return op(*cast)
+                return op(*cast_args)
 
         if op.has_kernel_for_dispatch_key(dispatch_key):
             op.py_kernels.pop(dispatch_key, None)

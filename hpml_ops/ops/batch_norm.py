@@ -34,20 +34,6 @@ def _check_input(op: str, input, activation: int) -> None:
     check.floating(op, input, "input")
 
 
-def _check_channel_vector(op: str, t, input: Tensor, name: str) -> None:
-    check.tensor(op, name, t, optional=True)
-    if t is None:
-        return
-    c = input.shape[1]
-    if t.dim() != 1 or t.shape[0] != c:
-        raise RuntimeError(
-            f"{op}: {name} should contain {c} elements (one per channel), got shape "
-            f"{check.shape(t)}"
-        )
-    check.floating(op, t, name)
-    check.same_device(op, input, t, name)
-
-
 def check_args(input, weight, bias, running_mean, running_var, training, activation: int) -> None:
     """The arguments batch norm accepts, for the public function, the op and its fake kernel;
     the C++ launchers check the same, in the same order and words (``csrc/batch_norm.h``)."""
@@ -58,7 +44,7 @@ def check_args(input, weight, bias, running_mean, running_var, training, activat
         ("running_mean", running_mean),
         ("running_var", running_var),
     ):
-        _check_channel_vector(_OP, t, input, name)
+        check.per_channel(_OP, t, input.shape[1], input, name)
     if not training and (running_mean is None or running_var is None):
         raise RuntimeError("running_mean must be defined in evaluation mode")
     if training:
@@ -78,7 +64,7 @@ def check_backward_args(op: str, grad, input, weight, output, activation, mean, 
     the output, read for the mask) of the input's shape and dtype, per-channel vectors of C."""
     _check_input(op, input, activation)
     for name, t in (("weight", weight), ("mean", mean), ("invstd", invstd)):
-        _check_channel_vector(op, t, input, name)
+        check.per_channel(op, t, input.shape[1], input, name)
     check.like(op, input, grad, "grad", input, "the input's")
     if activation == _RELU:
         check.like(op, input, output, "output", input, "the input's")
@@ -91,8 +77,8 @@ def check_elemt_args(
     positive count."""
     op = "hpml::batch_norm_backward_elemt"
     check_backward_args(op, grad, input, weight, output, activation, mean, invstd)
-    _check_channel_vector(op, sum_dz, input, "sum_dz")
-    _check_channel_vector(op, sum_dz_xmu, input, "sum_dz_xmu")
+    check.per_channel(op, sum_dz, input.shape[1], input, "sum_dz")
+    check.per_channel(op, sum_dz_xmu, input.shape[1], input, "sum_dz_xmu")
     if count <= 0:
         raise RuntimeError(f"{op}: count must be positive, got {count}")
 

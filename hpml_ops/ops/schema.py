@@ -95,6 +95,34 @@ SCHEMAS: dict[str, dict[str, str]] = {
             "-> Tensor"
         ),
     },
+    "mlp": {
+        # A whole MLP: L = len(weights) linear layers; hidden layer i < L - 1 computes
+        # h_i = act(BN_i(h_{i-1} W_i^T + b_i)) (BN_i when batch_norm[i], with bn_weights[i],
+        # bn_biases[i], running_means[i], running_vars[i]), the last
+        # y = output_activation(h_{L-2} W^T + b). input (M, K), 2-D; one dtype for input, weights
+        # and biases. An absent bias or batch-norm tensor is an empty (0, 0) tensor (lists of
+        # optional tensors do not take gradients through torch.library). Returns (y, saved): per
+        # hidden layer 6 tensors [h_i; the uint8 mask linear_act keeps for relu / leaky_relu
+        # without BN, or the pre-activation for leaky_relu after BN (else empty); the BN input
+        # z_i; mean_i; invstd_i; the unbiased batch variance var_i in training (empty without
+        # BN)], then the output layer's mask (or empty).
+        "mlp": (
+            "(Tensor input, Tensor[] weights, Tensor[] biases, bool[] batch_norm, "
+            "Tensor[] bn_weights, Tensor[] bn_biases, Tensor[] running_means, "
+            "Tensor[] running_vars, bool training, float eps, int activation, "
+            "float negative_slope, int output_activation) -> (Tensor, Tensor[])"
+        ),
+        # Gradients of mlp from grad (M, N) and what the forward returned (output, saved).
+        # Returns (grad_input, grad_weights, grad_biases, grad_bn_weights, grad_bn_biases); a
+        # gradient not asked for (input_grad, the per-layer flags) is an empty tensor.
+        "mlp_backward": (
+            "(Tensor grad, Tensor input, Tensor output, Tensor[] weights, Tensor[] biases, "
+            "bool[] batch_norm, Tensor[] bn_weights, Tensor[] saved, bool training, "
+            "int activation, float negative_slope, int output_activation, bool input_grad, "
+            "bool[] weight_grads, bool[] bias_grads, bool[] bn_weight_grads, "
+            "bool[] bn_bias_grads) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[])"
+        ),
+    },
 }
 
 FAMILIES: tuple[str, ...] = tuple(SCHEMAS)

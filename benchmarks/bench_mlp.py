@@ -1,0 +1,134 @@
+"""Benchmark: a whole MLP, forward, forward+backward and a full SGD step, plain PyTorch vs the same
+network as one op (``hpml_ops.nn.FusedMLP``) vs today's per-layer ops (``hpml_ops.convert``) vs
+``torch.compile``, side by side in one run.
+
+Models (the same weights for every provider):
+
+- ``small``: ``make train``'s 30-64-32-1 with BatchNorm1d + ReLU, batch 32;
+- ``net``: the lecture's 256-120-84-10 with ReLU, batch 256;
+- ``wide``: 1024-1024-1024-1 with BatchNorm1d + ReLU, batch 4096.
+
+Modes: ``fwd`` (training-mode forward, no graph kept: under ``torch.no_grad``), ``fwd+bwd``
+(forward, sum of squares, backward), ``step`` (zero_grad, forward, BCE-with-logits loss against
+fixed targets, backward, SGD with momentum 0.9). Providers timed interleaved on the CPU;
+"vs_eager" is the median of the per-round ratios. FLOPs: 2 x batch x (sum of in x out) forward,
+twice that backward.
+
+    python benchmarks/bench_mlp.py [--models small,net,wide] [--threads N]
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+from common import base_parser, bench_side_by_side, finish, machine, record_flops, sync
+from torch import nn
+
+import hpml_ops
+
+PROVIDERS = ("eager", "fused-mlp", "per-layer", "compile")
+MODES = ("fwd", "fwd+bwd", "step")
+
+
+def _stack(widths, bn: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in zip(widths[:-2], widths[1:-1], strict=True):
+        layers += [nn.Linear(fan_in, fan_out)] + ([nn.BatchNorm1d(fan_out)] if bn else [])
+        layers.append(nn.ReLU())
+    return nn.Sequential(*layers, nn.Linear(widths[-2], widths[-1]))
+
+
+MODELS = {
+    # name: (widths, batch norm, batch)
+    "small": ((30, 64, 32, 1), True, 32),
+    "net": ((256, 120, 84, 10), False, 256),
+    "wide": ((1024, 1024, 1024, 1), True, 4096),
+}
+
+
+def build(provider: str, model: nn.Sequential, backend: str) -> tuple[nn.Module, nn.Module]:
+    model = copy.deepcopy(model)
+    loss: nn.Module = nn.BCEWithLogitsLoss()
+    if provider == "fused-mlp":
+        model = hpml_ops.nn.FusedMLP(*model, backend=backend)
+        loss = hpml_ops.convert(loss, backend=backend)
+    elif provider == "per-layer":
+        model = hpml_ops.convert(model, backend=backend)
+        loss = hpml_ops.convert(loss, backend=backend)
+    elif provider == "compile":
+        model = torch.compile(model, dynamic=False)
+    return model, loss
+
+
+def make_case(mode: str, model: nn.Module, loss_fn: nn.Module, x, y):
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    if mode == "fwd":
+
+        def fwd():
+            with torch.no_grad():
+                model(x)
+
+        return fwd, None
+    if mode == "fwd+bwd":
+
+        def clear():
+            for p in params:
+                p.grad = None
+
+        return (lambda: model(x).square().sum().backward()), clear
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    return step, None
+
+
+def main(argv=None) -> int:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--backend", default=None, help="cpp on the CPU, triton on a GPU by default")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    backend = args.backend or ("triton" if device.startswith("cuda") else "cpp")
+    providers = args.providers.split(",") if args.providers else list(PROVIDERS)
+    modes = list(MODES) if args.modes == "fwd,bwd,fwd+bwd" else args.modes.split(",")
+    meta = machine(device)
+    meta["backend"] = backend
+    meta["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    print(meta, flush=True)
+    rows = []
+    for name in args.models.split(","):
+        widths, bn, batch = MODELS[name]
+        torch.manual_seed(0)
+        model = _stack(widths, bn).to(device)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(batch, widths[0], generator=g).to(device)
+        y = torch.randint(0, 2, (batch, widths[-1]), generator=g).float().to(device)
+        macs = sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True)) * batch
+        torch._dynamo.reset()
+        built = {prov: build(prov, model, backend) for prov in providers}
+        for mode in modes:
+            cases = {prov: make_case(mode, m, lf, x, y) for prov, (m, lf) in built.items()}
+            for fn, setup in cases.values():  # warm-up, compilation included
+                for _ in range(2):
+                    if setup:
+                        setup()
+                    fn()
+            sync(device)
+            res = bench_side_by_side(cases, device, min_time=args.min_time)
+            flops = {"fwd": 2, "fwd+bwd": 6, "step": 6}[mode] * macs
+            key = {"model": name, "batch": batch, "mode": mode}
+            record_flops(rows, key, f"{name:>5} {mode:>7}", res, flops)
+    return finish("mlp", meta, rows, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

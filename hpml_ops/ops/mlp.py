@@ -1,0 +1,412 @@
+"""A whole MLP as one op: ``Linear -> [BatchNorm1d] -> activation`` hidden layers and a last
+``Linear`` (with an optional output activation), forward in one call and backward in one call.
+The argument contract, fake kernels, Triton autograd formula, spec and public function.
+
+Ops (schemas: ``schema.py``): ``hpml::mlp[_backward]`` (C++: the layers through the library's CPU
+or CUDA kernels inside one op call, ``csrc/mlp.h``) and ``hpml::mlp[_backward]_triton``
+(``kernels/mlp.py``). The forward is functional: it returns the output and what the backward
+needs (per hidden layer its output, the ReLU mask or pre-activation, the batch norm's input and
+statistics), and ``mlp`` updates the running statistics in place from the batch ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..constants import ACT_USES_MASK, ACTIVATIONS, acc_dtype, activation_code, mask_row_bytes
+from . import _checks as check
+from ._registry import AUTOCAST_LOWER, OpSpec, on_device, register
+
+_OP = "mlp"
+SAVED_PER_LAYER = 6  # csrc/mlp.h: kMlpSavedPerLayer
+_NONE, _RELU, _LEAKY = ACTIVATIONS["none"], ACTIVATIONS["relu"], ACTIVATIONS["leaky_relu"]
+_ACT_MSG = "must be 0 (none), 1 (relu), 2 (leaky_relu), 3 (sigmoid) or 4 (tanh)"
+
+
+def _layer(i: int, what: str) -> str:
+    return f"layer {i}'s {what}"
+
+
+def absent(t) -> bool:
+    """An entry of the ops' lists of biases and batch-norm tensors that stands for None: an empty
+    (0, 0) tensor (torch.library cannot take gradients through lists holding None)."""
+    return t is None or (isinstance(t, Tensor) and t.dim() == 2 and t.shape == (0, 0))
+
+
+def present(ts) -> list:
+    """The list with None for every absent entry."""
+    return [None if absent(t) else t for t in ts]
+
+
+def check_args(
+    input,
+    weights,
+    biases,
+    batch_norm,
+    bn_weights,
+    bn_biases,
+    running_means,
+    running_vars,
+    training,
+    eps,
+    activation: int,
+    negative_slope,
+    output_activation: int,
+    *,
+    op: bool = True,
+    batch_norm_mode: bool = True,
+) -> None:
+    """The arguments ``mlp`` accepts, as hpml::mlp takes them (``eps`` and ``negative_slope``
+    unchecked, as torch leaves them); the C++ launchers check the same, in the same order and
+    words (``csrc/mlp.h``). ``op``: the ops' form (a 2-D input); else the public function's
+    (input ``(*, in_features)``). ``batch_norm_mode``: check the batch norms' statistics against
+    the mode (the forward's concern; the backward reads what the forward saved)."""
+    for name, code in (("activation", activation), ("output_activation", output_activation)):
+        if code not in ACTIVATIONS.values():
+            raise RuntimeError(f"{_OP}: {name} {_ACT_MSG}, got {code}")
+    n_layers = len(weights)
+    if n_layers < 1:
+        raise RuntimeError(f"{_OP}: expected at least one layer (weights is empty)")
+    check.tensor(_OP, "input", input)
+    if op and input.dim() != 2:
+        raise RuntimeError(
+            f"{_OP}: expected a 2-D input (M, in_features), got shape {check.shape(input)}"
+        )
+    if input.dim() < 1:
+        raise RuntimeError(f"{_OP}: input must be at least 1-D (*, in_features), got a 0-d tensor")
+    check.floating(_OP, input, "input")
+    biases, bn_weights, bn_biases = present(biases), present(bn_weights), present(bn_biases)
+    running_means, running_vars = present(running_means), present(running_vars)
+    for got, want, what, per in (
+        (len(biases), n_layers, "biases", "one per layer, or None"),
+        (len(batch_norm), n_layers - 1, "batch_norm flags", "one per hidden layer"),
+        (len(bn_weights), n_layers - 1, "bn_weights", "one per hidden layer, or None"),
+        (len(bn_biases), n_layers - 1, "bn_biases", "one per hidden layer, or None"),
+        (len(running_means), n_layers - 1, "running_means", "one per hidden layer, or None"),
+        (len(running_vars), n_layers - 1, "running_vars", "one per hidden layer, or None"),
+    ):
+        if got != want:
+            raise RuntimeError(f"{_OP}: expected {want} {what} ({per}), got {got}")
+    fan_in = input.shape[-1]
+    rows = input.numel() // max(fan_in, 1) if input.dim() != 2 else input.shape[0]
+    for i, w in enumerate(weights):
+        wn = _layer(i, "weight")
+        check.tensor(_OP, wn, w)
+        if w.dim() != 2:
+            raise RuntimeError(
+                f"{_OP}: {wn} must be 2-D (out_features, in_features), got shape {check.shape(w)}"
+            )
+        if w.shape[1] != fan_in:
+            if i == 0:
+                raise RuntimeError(
+                    f"{_OP}: input of shape {check.shape(input)} has in_features={fan_in} but "
+                    f"{wn} of shape {check.shape(w)} expects in_features={w.shape[1]}"
+                )
+            raise RuntimeError(
+                f"{_OP}: {wn} of shape {check.shape(w)} expects in_features={w.shape[1]} but "
+                f"layer {i - 1} has out_features={fan_in}"
+            )
+        check.floating(_OP, w, wn)
+        check.same_device(_OP, input, w, wn)
+        check.same_dtype(_OP, input, w, wn)
+        n = w.shape[0]
+        b = biases[i]
+        if b is not None:
+            bn = _layer(i, "bias")
+            check.tensor(_OP, bn, b)
+            check.floating(_OP, b, bn)
+            check.same_device(_OP, input, b, bn)
+            if b.dim() != 1 or b.shape[0] != n:
+                raise RuntimeError(
+                    f"{_OP}: {bn} of shape {check.shape(b)} does not match out_features={n}"
+                )
+            check.same_dtype(_OP, input, b, bn)
+        if i < n_layers - 1:
+            has_bn = bool(batch_norm[i])
+            for lst, what in (
+                (bn_weights, "bn_weight"),
+                (bn_biases, "bn_bias"),
+                (running_means, "running_mean"),
+                (running_vars, "running_var"),
+            ):
+                t = lst[i]
+                if t is None:
+                    continue
+                if not has_bn:
+                    raise RuntimeError(f"{_OP}: layer {i} has no batch norm but a {what} was given")
+                check.per_channel(_OP, t, n, input, _layer(i, what))
+            if has_bn and batch_norm_mode:
+                if not training and (running_means[i] is None or running_vars[i] is None):
+                    raise RuntimeError(
+                        f"{_OP}: layer {i}'s batch norm: running_mean must be defined in "
+                        "evaluation mode"
+                    )
+                if training and rows == 1:
+                    raise ValueError(
+                        "Expected more than 1 value per channel when training, got input size "
+                        f"{torch.Size([rows, n])}"
+                    )
+        fan_in = n
+
+
+def check_backward_args(grad, input, output, weights, biases, batch_norm, bn_weights, saved):
+    """``hpml::mlp_backward``'s contract (``csrc/mlp.h``)."""
+    op = "hpml::mlp_backward"
+    n_hidden = len(weights) - 1
+    none = [None] * max(n_hidden, 0)
+    check_args(
+        input,
+        weights,
+        biases,
+        batch_norm,
+        bn_weights,
+        none,
+        none,
+        none,
+        True,
+        0.0,
+        0,
+        0.0,
+        0,
+        batch_norm_mode=False,
+    )
+    want = SAVED_PER_LAYER * n_hidden + 1
+    if len(saved) != want:
+        raise RuntimeError(f"{op}: expected {want} saved tensors, got {len(saved)}")
+    check.like(op, input, grad, "grad", output, "the output")
+
+
+# ---- the public function -------------------------------------------------------------------
+
+
+def _per_hidden(value, n_hidden: int, name: str) -> list:
+    if value is None:
+        return [None] * n_hidden
+    out = list(value)
+    if len(out) != n_hidden:
+        raise ValueError(
+            f"{_OP}: expected {n_hidden} {name} (one per hidden layer), got {len(out)}"
+        )
+    return out
+
+
+def mlp(
+    input: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None] | None = None,
+    activation: str = "relu",
+    *,
+    negative_slope: float = 0.01,
+    output_activation: str = "none",
+    batch_norm: bool | Sequence[bool] = False,
+    bn_weights: Sequence[Tensor | None] | None = None,
+    bn_biases: Sequence[Tensor | None] | None = None,
+    running_means: Sequence[Tensor | None] | None = None,
+    running_vars: Sequence[Tensor | None] | None = None,
+    training: bool = False,
+    momentum: float | Sequence[float] = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """A whole MLP in one op: for each hidden layer ``i``,
+    ``h = act(BN_i(F.linear(h, weights[i], biases[i])))`` (``BN_i`` as ``F.batch_norm`` with
+    ``bn_weights[i]``, ``bn_biases[i]``, ``running_means[i]``, ``running_vars[i]`` when
+    ``batch_norm[i]``), then ``output_activation(F.linear(h, weights[-1], biases[-1]))``.
+
+    Args:
+        input: ``(*, in_features)``.
+        weights: ``L >= 1`` tensors ``(out_i, in_i)``, as ``nn.Linear`` stores them; each layer's
+            ``in_i`` the previous one's ``out``.
+        biases: ``L`` tensors ``(out_i,)`` or None (None: no biases).
+        activation, output_activation: ``"relu"``, ``"leaky_relu"`` (``negative_slope``),
+            ``"sigmoid"``, ``"tanh"`` or ``"none"``; the first for every hidden layer.
+        batch_norm: one flag per hidden layer (``L - 1``), or one for all.
+        bn_weights, bn_biases, running_means, running_vars: per hidden layer ``(out_i,)`` or
+            None. The running statistics are updated in place in training, as ``F.batch_norm``
+            does (``momentum`` per batch-norm layer or one for all; the variance unbiased).
+        training: batch statistics (else the running ones).
+
+    Returns:
+        ``(*, out_L)`` in the input's dtype. Gradients for the input, every weight and bias and
+        batch-norm weight and bias, each only when required.
+    """
+    return _mlp(**locals(), backend=None)
+
+
+def _mlp(
+    input, weights, biases, activation, *, negative_slope, output_activation, batch_norm,
+    bn_weights, bn_biases, running_means, running_vars, training, momentum, eps,
+    backend: str | None,
+) -> Tensor:  # fmt: skip
+    """``mlp`` on ``backend`` (None: the process-wide choice); what FusedMLP calls."""
+    weights = list(weights)
+    n_layers, n_hidden = len(weights), max(len(weights) - 1, 0)
+    biases = [None] * n_layers if biases is None else list(biases)
+    flags = [bool(batch_norm)] * n_hidden if isinstance(batch_norm, bool) else list(batch_norm)
+    bn_w = _per_hidden(bn_weights, n_hidden, "bn_weights")
+    bn_b = _per_hidden(bn_biases, n_hidden, "bn_biases")
+    r_m = _per_hidden(running_means, n_hidden, "running_means")
+    r_v = _per_hidden(running_vars, n_hidden, "running_vars")
+    act = activation_code(activation, _OP)
+    out_act = activation_code(output_activation, f"{_OP}: output")
+    training = bool(training)
+    if isinstance(input, Tensor):  # None as the ops take it: an empty (0, 0) tensor
+        none = input.new_empty((0, 0))
+        biases, bn_w, bn_b, r_m, r_v = (
+            [none if t is None else t for t in ts] for ts in (biases, bn_w, bn_b, r_m, r_v)
+        )
+    args = (input, weights, biases, flags, bn_w, bn_b, r_m, r_v, training, float(eps), act)
+    if not (isinstance(input, Tensor) and input.dim() == 2 and OP.cpp_first(input.device, backend)
+            and on_device(input.device, *weights)):  # fmt: skip
+        check_args(*args, negative_slope, out_act, op=False)
+        backend = OP.resolve(input.device, backend)
+        if backend == "reference":
+            return OP.reference(
+                input, weights, present(biases), activation, negative_slope, output_activation,
+                flags, present(bn_w), present(bn_b), present(r_m), present(r_v), training,
+                momentum, eps,
+            )  # fmt: skip
+        call = OP.forward[backend]
+    else:
+        call = OP.cpp
+    x2 = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
+    out, saved = call(x2, *args[1:], float(negative_slope), out_act)
+    if training and x2.shape[0] > 0:
+        _update_running_stats(saved, flags, r_m, r_v, momentum)
+    return out if input.dim() == 2 else out.reshape(*input.shape[:-1], out.shape[-1])
+
+
+def _update_running_stats(saved, flags, running_means, running_vars, momentum) -> None:
+    """running = (1 - momentum) running + momentum batch for each batch-norm layer with running
+    statistics, from the mean and unbiased variance the op returned (as ``F.batch_norm``)."""
+    momenta = momentum if isinstance(momentum, Sequence) else [momentum] * len(flags)
+    with torch.no_grad():
+        for i, has_bn in enumerate(flags):
+            rm, rv = running_means[i], running_vars[i]
+            if not has_bn or absent(rm) or absent(rv):
+                continue
+            s = SAVED_PER_LAYER * i
+            mean, var = saved[s + 3], saved[s + 5]
+            rm.lerp_(mean.to(rm.dtype), momenta[i])
+            rv.lerp_(var.to(rv.dtype), momenta[i])
+
+
+# ---- the ops: fake kernels, the Triton ops' autograd formula, registration ---------------
+
+# As torch's linear under autocast: the products in the autocast dtype (input, weights and
+# biases cast; the batch-norm parameters and statistics as they come).
+SPEC = OpSpec("mlp", autocast=AUTOCAST_LOWER, autocast_args=3)
+
+
+@SPEC.fake("mlp")
+def _fake_fwd(*args):
+    check_args(*args)
+    input, weights, _, batch_norm, *_, training, _, activation, _, output_activation = args
+    m, sdt = input.shape[0], acc_dtype(input.dtype)
+
+    def none():
+        return input.new_empty((0,))
+
+    saved = []
+    for i, w in enumerate(weights[:-1]):  # what csrc/mlp.h returns, shape for shape
+        n = w.shape[0]
+        h = input.new_empty((m, n))
+        if not batch_norm[i]:
+            uses_mask = activation in ACT_USES_MASK
+            mask = input.new_empty((m, mask_row_bytes(n)) if uses_mask else (0,), dtype=torch.uint8)
+            saved += [h, mask, none(), none(), none(), none()]
+            continue
+        aux = input.new_empty((m, n)) if activation == _LEAKY else none()
+        stats = [input.new_empty((n,), dtype=sdt) for _ in range(2)]
+        var = input.new_empty((n,) if training else (0,), dtype=sdt)
+        saved += [h, aux, input.new_empty((m, n)), *stats, var]
+    n_out = weights[-1].shape[0]
+    uses_mask = output_activation in ACT_USES_MASK
+    saved.append(
+        input.new_empty((m, mask_row_bytes(n_out)) if uses_mask else (0,), dtype=torch.uint8)
+    )
+    return input.new_empty((m, n_out)), saved
+
+
+@SPEC.fake("mlp_backward")
+def _fake_bwd(*args):  # hpml::mlp_backward's arguments (schema.py)
+    check_backward_args(*args[:8])
+    input, weights, biases, batch_norm, bn_weights = args[1], args[3], args[4], args[5], args[6]
+    biases, bn_weights = present(biases), present(bn_weights)
+    input_grad, weight_grads, bias_grads, bn_weight_grads, bn_bias_grads = args[12:]
+
+    def empty(dtype=input.dtype):  # a fresh one each time: outputs may not alias each other
+        return input.new_empty((0,), dtype=dtype)
+
+    gw = [
+        w.new_empty(w.shape) if f else empty() for w, f in zip(weights, weight_grads, strict=True)
+    ]
+    gb = [
+        input.new_empty((w.shape[0],)) if f and b is not None else empty()
+        for w, b, f in zip(weights, biases, bias_grads, strict=True)
+    ]
+    gbw, gbb = [], []
+    for i, w in enumerate(weights[:-1]):
+        n = w.shape[0]
+        bw = bn_weights[i]
+        wdt = bw.dtype if bw is not None else input.dtype
+        if not batch_norm[i]:
+            gbw.append(empty())
+            gbb.append(empty())
+            continue
+        gbw.append(input.new_empty((n,), dtype=wdt) if bn_weight_grads[i] and bw is not None
+                   else empty(wdt))  # fmt: skip
+        gbb.append(input.new_empty((n,), dtype=wdt) if bn_bias_grads[i] else empty(wdt))
+    return (input.new_empty(input.shape) if input_grad else empty()), gw, gb, gbw, gbb
+
+
+@SPEC.setup_context
+def _setup_context(ctx, inputs, output):
+    (input, weights, biases, batch_norm, bn_weights, _, _, _, training, _, act, slope,
+     out_act) = inputs  # fmt: skip
+    out, saved = output
+    ctx.save_for_backward(input, out, *weights, *biases, *bn_weights, *saved)
+    ctx.sizes = (len(weights), len(bn_weights))
+    ctx.args = (list(batch_norm), training, act, slope, out_act)
+    ctx.mark_non_differentiable(*saved)
+
+
+@SPEC.backward
+def _backward(ctx, grad, grad_saved, *, bwd_op):
+    n_layers, n_hidden = ctx.sizes
+    tensors = list(ctx.saved_tensors)
+    input, out = tensors[0], tensors[1]
+    weights = tensors[2 : 2 + n_layers]
+    biases = tensors[2 + n_layers : 2 + 2 * n_layers]
+    bn_weights = tensors[2 + 2 * n_layers : 2 + 2 * n_layers + n_hidden]
+    saved = tensors[2 + 2 * n_layers + n_hidden :]
+    flags, training, act, slope, out_act = ctx.args
+    needs = ctx.needs_input_grad
+    ig = bool(needs[0])
+    wg, bg = [bool(n) for n in needs[1]], [bool(n) for n in needs[2]]
+    bwg, bbg = [bool(n) for n in needs[4]], [bool(n) for n in needs[5]]
+    nones = [None] * n_hidden
+    # The batch_norm flags take None, or [] when empty (torch.library's structure of inputs).
+    flags_grad = [] if n_hidden == 0 else None
+    if not (ig or any(wg) or any(bg) or any(bwg) or any(bbg)):
+        return (None, [None] * n_layers, [None] * n_layers, flags_grad, nones, nones, nones,
+                nones) + (None,) * 5  # fmt: skip
+    gx, gw, gb, gbw, gbb = bwd_op(
+        grad, input, out, weights, biases, flags, bn_weights, saved, training, act, slope,
+        out_act, ig, wg, bg, bwg, bbg,
+    )  # fmt: skip
+    return (
+        gx if ig else None,
+        [g if f else None for g, f in zip(gw, wg, strict=True)],
+        [g if f else None for g, f in zip(gb, bg, strict=True)],
+        flags_grad,
+        [g if f else None for g, f in zip(gbw, bwg, strict=True)],
+        [g if f else None for g, f in zip(gbb, bbg, strict=True)],
+        nones,
+        nones,
+    ) + (None,) * 5
+
+
+OP = register(SPEC)

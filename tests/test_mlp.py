@@ -1,0 +1,304 @@
+"""hpml_ops.mlp (the whole network as one op forward and one op backward) and FusedMLP: parity
+against torch's own layers in float64 (output, every gradient, running statistics) on every
+backend, for depths 1-6, odd widths, layers without bias, each activation, batch norm in and out
+of training, fp32/fp64/fp16/bf16; gradcheck, opcheck, torch.compile; the module as a drop-in for
+the nn.Sequential it replaces; bad input and edge cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import hpml_ops
+from hpml_ops import reference
+from hpml_ops.ops.mlp import OP
+from tests.helpers import DEVICE, assert_close_to_oracle, backend_params, dtype_id
+
+# name: (widths, activation, output_activation, batch_norm flags, biases per layer, training)
+CONFIGS = {
+    "one-layer": ((7, 3), "relu", "none", [], [True], True),
+    "relu": ((5, 17, 3), "relu", "none", [False], [True, True], True),
+    "leaky-bn": ((6, 9, 4, 2), "leaky_relu", "none", [True, True], [True, True, True], True),
+    "sigmoid-nobias": ((3, 4, 1), "sigmoid", "none", [False], [False, True], True),
+    "tanh-bn-some": ((8, 5, 7, 3), "tanh", "sigmoid", [True, False], [True, False, True], True),
+    "relu-bn-eval": ((4, 6, 6, 1), "relu", "none", [True, True], [True, True, True], False),
+    "none-bn": ((5, 3, 2), "none", "tanh", [True], [True, True], True),
+    "deep-odd": (
+        (3, 17, 1, 3, 17, 5, 2),
+        "relu",
+        "leaky_relu",
+        [True, False, True, False, True],
+        [True] * 6,
+        True,
+    ),  # fmt: skip
+}
+BACKENDS = backend_params(op="mlp")
+
+
+def _make(config, dtype, seed, rows=13):
+    widths, act, out_act, bn, has_b, training = CONFIGS[config]
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(DEVICE)
+
+    x = r(rows, widths[0])
+    ws = [r(o, i, scale=i**-0.5) for i, o in zip(widths[:-1], widths[1:], strict=True)]
+    bs = [r(o) if hb else None for o, hb in zip(widths[1:], has_b, strict=True)]
+    n = widths[1:-1]
+    bn_w = [(r(c) * 0.1 + 1.0) if f else None for c, f in zip(n, bn, strict=True)]
+    bn_b = [r(c) * 0.1 if f else None for c, f in zip(n, bn, strict=True)]
+    rm = [r(c) * 0.1 if f else None for c, f in zip(n, bn, strict=True)]
+    rv = [(torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(DEVICE) if f else None
+          for c, f in zip(n, bn, strict=True)]  # fmt: skip
+    low = dtype in (torch.float16, torch.bfloat16)
+    pdt = torch.float32 if low else dtype  # batch-norm parameters and statistics
+    cast = lambda ts, dt: [None if t is None else t.to(dt) for t in ts]  # noqa: E731
+    return dict(
+        input=x.to(dtype),
+        weights=cast(ws, dtype),
+        biases=cast(bs, dtype),
+        activation=act,
+        output_activation=out_act,
+        batch_norm=list(bn),
+        bn_weights=cast(bn_w, pdt),
+        bn_biases=cast(bn_b, pdt),
+        running_means=cast(rm, pdt),
+        running_vars=cast(rv, pdt),
+        training=training,
+        momentum=0.1,
+    )
+
+
+def _leaves(kw, requires=True):
+    """A copy of the arguments with every input, weight, bias and batch-norm parameter a leaf
+    requiring grad; the running statistics copied (they are updated in place)."""
+    out = dict(kw)
+    out["input"] = kw["input"].detach().clone().requires_grad_(requires)
+    for k in ("weights", "biases", "bn_weights", "bn_biases"):
+        out[k] = [None if t is None else t.detach().clone().requires_grad_(requires) for t in kw[k]]
+    for k in ("running_means", "running_vars"):
+        out[k] = [None if t is None else t.clone() for t in kw[k]]
+    return out
+
+
+def _grad_targets(kw):
+    return [kw["input"]] + [t for k in ("weights", "biases", "bn_weights", "bn_biases")
+                            for t in kw[k] if t is not None]  # fmt: skip
+
+
+def _run(fn, kw, seed):
+    out = fn(**kw)
+    g = torch.Generator().manual_seed(seed + 1)
+    gout = torch.randn(out.shape, generator=g).to(out.dtype).to(out.device)
+    targets = _grad_targets(kw)
+    grads = torch.autograd.grad(out, targets, gout) if out.numel() else [None] * len(targets)
+    return out.detach(), grads
+
+
+def _up(kw):
+    f64 = dict(kw)
+    f64["input"] = kw["input"].detach().double().requires_grad_()
+    for k in ("weights", "biases", "bn_weights", "bn_biases"):
+        f64[k] = [None if t is None else t.detach().double().requires_grad_() for t in kw[k]]
+    for k in ("running_means", "running_vars"):
+        f64[k] = [None if t is None else t.double() for t in kw[k]]
+    return f64
+
+
+def _check(config, dtype, backend, seed=0, rows=13):
+    kw = _make(config, dtype, seed, rows)
+    ours_kw, ref_kw = _leaves(kw), _up(kw)
+    with hpml_ops.use_backend(backend):
+        out, grads = _run(hpml_ops.mlp, ours_kw, seed)
+    ref_out, ref_grads = _run(reference.mlp, ref_kw, seed)
+    torch_out, torch_grads, torch_kw = None, [None] * len(grads), None
+    low = dtype in (torch.float16, torch.bfloat16)
+    if low:  # torch's own error in that dtype: the yardstick
+        torch_kw = _leaves(kw)
+        torch_out, torch_grads = _run(reference.mlp, torch_kw, seed)
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    assert_close_to_oracle(out, ref_out, torch_out, what="output")
+    names = ["input"] + [f"{k}[{i}]" for k in ("weights", "biases", "bn_weights", "bn_biases")
+                         for i, t in enumerate(kw[k]) if t is not None]  # fmt: skip
+    for name, o, r, t in zip(names, grads, ref_grads, torch_grads, strict=True):
+        if o is None:
+            assert r is None, name
+            continue
+        assert_close_to_oracle(o, r, t, what=f"grad {name}", compute_dtype=dtype)
+    for k in ("running_means", "running_vars"):
+        for i, (o, r) in enumerate(zip(ours_kw[k], ref_kw[k], strict=True)):
+            if o is not None:  # statistics of fp16/bf16 activations: judged as those
+                t = torch_kw[k][i] if low else None
+                assert_close_to_oracle(o, r, t, what=f"{k}[{i}]", compute_dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_parity(dtype, config, backend):
+    _check(config, dtype, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", ["relu", "leaky-bn", "tanh-bn-some"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_parity_low_precision(dtype, config, backend):
+    _check(config, dtype, backend, rows=32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_and_one_row_in_eval(backend):
+    kw = _make("relu-bn-eval", torch.float32, 3, rows=0)
+    kw["training"] = True
+    ours = _leaves(kw)
+    with hpml_ops.use_backend(backend):
+        out = hpml_ops.mlp(**ours)
+    assert out.shape == (0, 1)
+    out.sum().backward()
+    assert torch.equal(ours["weights"][0].grad, torch.zeros_like(ours["weights"][0]))
+    for k in ("running_means", "running_vars"):  # an empty batch leaves them as they were
+        assert all(torch.equal(a, b) for a, b in zip(ours[k], kw[k], strict=True))
+    _check("relu-bn-eval", torch.float32, backend, rows=1)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "reference"])
+def test_gradcheck(backend):
+    kw = _make("tanh-bn-some", torch.float64, 5, rows=6)
+    kw["training"] = True
+    leaves = _leaves(kw)
+    targets = _grad_targets(leaves)
+
+    def fn(*ts):
+        it = iter(ts)
+        call = dict(leaves, input=next(it))
+        for k in ("weights", "biases", "bn_weights", "bn_biases"):
+            call[k] = [None if t is None else next(it) for t in leaves[k]]
+        n_hidden = len(leaves["running_means"])
+        call = dict(call, running_means=[None] * n_hidden, running_vars=[None] * n_hidden)
+        return hpml_ops.mlp(**call)
+
+    with hpml_ops.use_backend(backend):
+        assert torch.autograd.gradcheck(fn, targets, atol=1e-8, rtol=1e-6)
+
+
+def _op_args(config, dtype=torch.float32):
+    """The op's arguments: None as the op takes it (an empty (0, 0) tensor)."""
+    kw = _make(config, dtype, 7)
+    for k in ("biases", "bn_weights", "bn_biases", "running_means", "running_vars"):
+        kw[k] = [kw["input"].new_empty((0, 0)) if t is None else t for t in kw[k]]
+    n = len(kw["weights"])
+    return (
+        kw["input"], kw["weights"], kw["biases"], kw["batch_norm"], kw["bn_weights"],
+        kw["bn_biases"], kw["running_means"], kw["running_vars"], kw["training"], 1e-5,
+        hpml_ops.constants.ACTIVATIONS[kw["activation"]], 0.01,
+        hpml_ops.constants.ACTIVATIONS[kw["output_activation"]],
+    ), n  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "reference"])
+@pytest.mark.parametrize("config", ["relu", "leaky-bn", "relu-bn-eval"])
+def test_opcheck(config, backend):
+    args, _ = _op_args(config)
+    fwd, bwd = OP.pair(backend)
+    grad_args = list(args)
+    grad_args[0] = args[0].clone().requires_grad_()
+    grad_args[1] = [w.clone().requires_grad_() for w in args[1]]
+    torch.library.opcheck(fwd, tuple(grad_args))
+    out, saved = fwd(*args)
+    n = len(args[1])
+    bargs = (torch.randn_like(out), args[0], out, args[1], args[2], args[3], args[4], saved,
+             args[8], args[10], 0.01, args[12], True, [True] * n, [True] * n, [True] * (n - 1),
+             [True] * (n - 1))  # fmt: skip
+    torch.library.opcheck(bwd, bargs)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "reference"])
+def test_compile_fullgraph(backend):
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    fused = hpml_ops.nn.FusedMLP(*[m for m in _copy(plain)], backend=backend)
+    x = torch.randn(9, 5)
+    eager = fused(x)
+    eager.sum().backward()
+    g_eager = [p.grad.clone() for p in fused.parameters()]
+    fused.zero_grad()
+    compiled = torch.compile(fused, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager, atol=1e-6, rtol=1e-6)
+    for p, g in zip(fused.parameters(), g_eager, strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-5)
+
+
+def _copy(module):
+    import copy
+
+    return copy.deepcopy(module)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fused_mlp_is_a_drop_in(backend, momentum):
+    torch.manual_seed(1)
+    plain = nn.Sequential(
+        nn.Linear(6, 11), nn.BatchNorm1d(11, momentum=momentum), nn.LeakyReLU(0.2),
+        nn.Linear(11, 7), nn.BatchNorm1d(7, momentum=momentum), nn.LeakyReLU(0.2),
+        nn.Linear(7, 3), nn.Sigmoid(),
+    ).double()  # fmt: skip
+    fused = hpml_ops.nn.FusedMLP(*_copy(plain), backend=backend)
+    assert isinstance(fused, nn.Sequential)
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    for step in range(3):
+        x = torch.randn(10, 6, dtype=torch.float64)
+        a, b = plain(x), fused(x)
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-9, msg=f"step {step}")
+        a.square().sum().backward()
+        b.square().sum().backward()
+        for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-10, rtol=1e-9, msg=name)
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[k], v, atol=1e-12, rtol=1e-12, msg=k)
+    plain.eval()
+    fused.eval()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), plain(x), atol=1e-10, rtol=1e-9)
+    back = _copy(plain)
+    back.load_state_dict(fused.state_dict())  # and a plain checkpoint loads into ours
+    fused.load_state_dict(plain.state_dict())
+
+
+def test_fused_mlp_rejects_what_it_cannot_run():
+    with pytest.raises(ValueError, match="FusedMLP: expected Linear"):
+        hpml_ops.nn.FusedMLP(nn.Linear(3, 4), nn.ReLU(), nn.Dropout(), nn.Linear(4, 1))
+    with pytest.raises(ValueError, match="one activation for every hidden layer"):
+        hpml_ops.nn.FusedMLP(
+            nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1)
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs(backend):
+    kw = _make("relu", torch.float32, 2)
+    with hpml_ops.use_backend(backend):
+        with pytest.raises(
+            RuntimeError,
+            match=r"mlp: layer 1's weight of shape \(3, 16\) expects in_features=16 but layer 0 "
+            r"has out_features=17",
+        ):
+            hpml_ops.mlp(**dict(kw, weights=[kw["weights"][0], torch.randn(3, 16)]))
+        with pytest.raises(
+            RuntimeError,
+            match=r"mlp: expected layer 1's weight of dtype torch.float32 \(the input's dtype\), "
+            r"got torch.float64",
+        ):
+            hpml_ops.mlp(**dict(kw, weights=[kw["weights"][0], kw["weights"][1].double()]))
+        with pytest.raises(RuntimeError, match=r"mlp: expected layer 0's weight on .*, got meta"):
+            hpml_ops.mlp(**dict(kw, weights=[kw["weights"][0].to("meta"), kw["weights"][1]]))
+        bn = _make("leaky-bn", torch.float32, 2, rows=1)
+        with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when "
+                           r"training, got input size torch.Size\(\[1, 9\]\)"):  # fmt: skip
+            hpml_ops.mlp(**bn)
+        with pytest.raises(RuntimeError, match="expected 2 biases"):
+            hpml_ops.mlp(**dict(kw, biases=[None]))
