@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "batch_norm.h"
+#include "cpu_channel.h"
 #include "cpu_alloc.h"
 #include "cpu_vec.h"
 #include "hpml_math.h"
@@ -168,25 +169,6 @@ at::Tensor empty_like_layout(const BnLayout& l) {
 constexpr int64_t kStreamBytes = int64_t(32) << 20;
 
 inline bool stream_output(const at::Tensor& t) { return t.numel() * t.element_size() >= kStreamBytes; }
-
-// A per-channel vector (weight, bias, running stats) in the accumulation dtype; `fill` if absent.
-template <typename acc_t>
-std::vector<acc_t> channel_values(const std::optional<at::Tensor>& t, int64_t C, double fill) {
-  std::vector<acc_t> v(C, static_cast<acc_t>(fill));
-  if (t.has_value() && t->defined()) {
-    const at::Tensor d = t->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    std::copy(d.const_data_ptr<acc_t>(), d.const_data_ptr<acc_t>() + C, v.begin());
-  }
-  return v;
-}
-
-template <typename acc_t>
-at::Tensor channel_tensor(const std::vector<acc_t>& v) {
-  at::Tensor t = at::empty({static_cast<int64_t>(v.size())},
-                           at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  std::copy(v.begin(), v.end(), t.mutable_data_ptr<acc_t>());
-  return t;
-}
 
 // Per-channel batch mean and biased variance (in double) of l.x: shifted sums with the shift K
 // each channel's first value.

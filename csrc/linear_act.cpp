@@ -21,6 +21,7 @@
 
 #include "cpu_alloc.h"
 #include "cpu_vec.h"
+#include "cpu_epilogue.h"
 #include "linear_act.h"
 
 namespace hpml {
@@ -76,30 +77,6 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w,
   return std::move(stack[0]).toTensor().contiguous();
 }
 
-template <typename scalar_t, Act A>
-void epilogue_rows(scalar_t* out, const scalar_t* bias, uint8_t* mask, int64_t r0, int64_t r1,
-                   int64_t N, opmath_t<scalar_t> slope) {
-  using acc_t = opmath_t<scalar_t>;
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  const int64_t nb = mask_row_bytes(N);
-  static_assert(V <= 8 && 8 % V == 0, "a vector's mask bits must fall in one byte");
-  const Vec vslope(slope);
-  for (int64_t m = r0; m < r1; ++m) {
-    scalar_t* row = out + m * N;
-    uint8_t* mrow = mask != nullptr ? mask + m * nb : nullptr;
-    if (mrow != nullptr) std::memset(mrow, 0, nb);
-    for (int64_t j = 0; j < N; j += V) {
-      const int64_t c = std::min<int64_t>(V, N - j);
-      Vec z = load(row + j, c);
-      if (bias != nullptr) z = z + load(bias + j, c);
-      // j is a multiple of V, so a vector's bits land in one byte (V <= 8).
-      if (mrow != nullptr) mrow[j >> 3] |= static_cast<uint8_t>(positive_bits(z, c) << (j & 7));
-      store(row + j, math::activate<A>(z, vslope), c);
-    }
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> linear_act_cpu(const at::Tensor& input, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& bias,
                                                   int64_t activation, double negative_slope) {
@@ -142,41 +119,6 @@ std::tuple<at::Tensor, at::Tensor> linear_act_cpu(const at::Tensor& input, const
         });
       });
   return {out, mask};
-}
-
-// dZ for rows [r0, r1) into dz (may alias nothing else), and their column sums into db_part.
-template <typename scalar_t, Act A>
-void dz_rows(const scalar_t* g, const scalar_t* y, const uint8_t* mask, scalar_t* dz,
-             opmath_t<scalar_t>* db_part, int64_t r0, int64_t r1, int64_t N,
-             opmath_t<scalar_t> slope) {
-  using acc_t = opmath_t<scalar_t>;
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  const int64_t nb = mask_row_bytes(N);
-  const Vec vslope(slope), zero(acc_t(0));
-  for (int64_t m = r0; m < r1; ++m) {
-    const scalar_t* grow = g + m * N;
-    for (int64_t j = 0; j < N; j += V) {
-      const int64_t c = std::min<int64_t>(V, N - j);
-      const Vec gv = load(grow + j, c);
-      Vec d;
-      if constexpr (A == Act::Relu || A == Act::LeakyRelu) {
-        const uint32_t bits = (mask[m * nb + (j >> 3)] >> (j & 7)) & ((1u << V) - 1);
-        const Vec on = lanes_from_bits<acc_t>(bits);
-        // A select, as torch's threshold_backward: a NaN gradient where the mask is off is 0.
-        d = math::vselect(on, gv, A == Act::Relu ? zero : gv * vslope);
-      } else if constexpr (A == Act::Sigmoid || A == Act::Tanh) {
-        d = math::activation_grad_from_output<A>(gv, load(y + m * N + j, c));
-      } else {
-        d = gv;
-      }
-      if (dz != nullptr) store(dz + m * N + j, d, c);
-      if (db_part != nullptr) {
-        if (c < V) d = Vec::set(zero, d, c);
-        (Vec::loadu(db_part + j, c) + d).store(db_part + j, c);
-      }
-    }
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(

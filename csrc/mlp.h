@@ -128,6 +128,35 @@ inline void check_mlp(const at::Tensor& input, at::TensorList weights, OptTensor
   }
 }
 
+// hpml::mlp_backward's contract: the forward's (the batch norms' statistics unchecked), the
+// saved tensors' count, a gradient flag per layer, grad like the output.
+inline void check_mlp_backward(const at::Tensor& grad, const at::Tensor& input,
+                               const at::Tensor& output, at::TensorList weights,
+                               OptTensorList biases, const c10::List<bool>& batch_norm,
+                               OptTensorList bn_weights, at::TensorList saved, bool training,
+                               int64_t activation, int64_t output_activation,
+                               const c10::List<bool>& weight_grads,
+                               const c10::List<bool>& bias_grads,
+                               const c10::List<bool>& bn_weight_grads,
+                               const c10::List<bool>& bn_bias_grads) {
+  constexpr const char* op = "hpml::mlp_backward";
+  const int64_t L = static_cast<int64_t>(weights.size());
+  const std::vector<at::Tensor> no_stats_v(std::max<int64_t>(L - 1, 0));
+  const OptTensorList no_stats(no_stats_v);
+  check_mlp(input, weights, biases, batch_norm, bn_weights, no_stats, no_stats, no_stats,
+            training, activation, output_activation, /*batch_norm_mode=*/false);
+  TORCH_CHECK(static_cast<int64_t>(saved.size()) == kMlpSavedPerLayer * (L - 1) + 1, op,
+              ": expected ", kMlpSavedPerLayer * (L - 1) + 1, " saved tensors, got ",
+              saved.size());
+  TORCH_CHECK(static_cast<int64_t>(weight_grads.size()) == L &&
+                  static_cast<int64_t>(bias_grads.size()) == L &&
+                  static_cast<int64_t>(bn_weight_grads.size()) == L - 1 &&
+                  static_cast<int64_t>(bn_bias_grads.size()) == L - 1,
+              op, ": expected a gradient flag per layer (weights, biases) and per hidden layer "
+              "(bn_weights, bn_biases)");
+  check_like(op, input, grad, "grad", output, "the output");
+}
+
 // ---- the layer-by-layer implementation -------------------------------------------------------
 
 namespace mlp_ops {
@@ -237,22 +266,10 @@ mlp_backward_layers(const at::Tensor& grad, const at::Tensor& input, const at::T
                     double negative_slope, int64_t output_activation, bool input_grad,
                     const c10::List<bool>& weight_grads, const c10::List<bool>& bias_grads,
                     const c10::List<bool>& bn_weight_grads, const c10::List<bool>& bn_bias_grads) {
-  constexpr const char* op = "hpml::mlp_backward";
+  check_mlp_backward(grad, input, output, weights, biases, batch_norm, bn_weights, saved,
+                     training, activation, output_activation, weight_grads, bias_grads,
+                     bn_weight_grads, bn_bias_grads);
   const int64_t L = static_cast<int64_t>(weights.size());
-  const std::vector<at::Tensor> no_stats_v(std::max<int64_t>(L - 1, 0));
-  const OptTensorList no_stats(no_stats_v);
-  check_mlp(input, weights, biases, batch_norm, bn_weights, no_stats, no_stats, no_stats,
-            training, activation, output_activation, /*batch_norm_mode=*/false);
-  TORCH_CHECK(static_cast<int64_t>(saved.size()) == kMlpSavedPerLayer * (L - 1) + 1, op,
-              ": expected ", kMlpSavedPerLayer * (L - 1) + 1, " saved tensors, got ",
-              saved.size());
-  TORCH_CHECK(static_cast<int64_t>(weight_grads.size()) == L &&
-                  static_cast<int64_t>(bias_grads.size()) == L &&
-                  static_cast<int64_t>(bn_weight_grads.size()) == L - 1 &&
-                  static_cast<int64_t>(bn_bias_grads.size()) == L - 1,
-              op, ": expected a gradient flag per layer (weights, biases) and per hidden layer "
-              "(bn_weights, bn_biases)");
-  check_like(op, input, grad, "grad", output, "the output");
   const Act act = static_cast<Act>(activation);
   const auto none = [&] { return at::empty({0}, input.options()); };
   // below[i]: some gradient is wanted from the layers before layer i (or the input's).

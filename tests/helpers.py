@@ -50,7 +50,13 @@ def assert_close_to_oracle(
 
     ``compute_dtype`` (default: ``ours.dtype``) is the precision the result comes from: an fp32
     weight gradient of an fp16/bf16 computation is judged by the fp16/bf16 rule. For those,
-    ``torch_same_dtype`` is PyTorch's own result computed the same way; it is required."""
+    ``torch_same_dtype`` is PyTorch's own result computed the same way; it is required.
+
+    Given for fp32/fp64, it widens the absolute tolerance by twice torch's own worst error in
+    that dtype (the fp16/bf16 yardstick): for a deep network whose gradients amplify every
+    rounding (tests/test_mlp.py's deep-odd), where torch's own fp32 result misses the table's
+    tolerance on most random draws. Where torch's error is far below the table's, as in every
+    well-conditioned case, the check is the table's."""
     assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
     o = ours.detach().to(torch.float64).cpu()
     r = ref64.detach().to(torch.float64).cpu()
@@ -63,6 +69,9 @@ def assert_close_to_oracle(
         return
     if (compute_dtype or ours.dtype) in TOL:
         atol, rtol = TOL[compute_dtype or ours.dtype]
+        if torch_same_dtype is not None:
+            t = torch_same_dtype.detach().to(torch.float64).cpu()[fin]
+            atol += LOWP_FACTOR * (t - r).abs().max().item()
         torch.testing.assert_close(o, r, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
         return
     assert torch_same_dtype is not None, "fp16/bf16 comparisons need torch's own result"

@@ -34,6 +34,14 @@ CONFIGS = {
     ),  # fmt: skip
 }
 BACKENDS = backend_params(op="mlp")
+# Configs whose fp32 gradients amplify every rounding (a ReLU bottleneck of width 1 between batch
+# norms over 13 rows, six layers): measured over 20 random draws (seeds 0-19, 13 + 7 seed rows),
+# torch's own fp32 layers miss the fp32 tolerance on 14 draws (by up to 2630x; median 7.8x), our
+# C++ CPU whole-net kernel on 16 (up to 515x; median 5.3x) and our layer-by-layer path on 15 (up
+# to 521x; median 4.5x). There an fp32 result is judged against the
+# fp64 oracle with the tolerance widened by twice torch's own fp32 error on the same draw, as
+# fp16/bf16 results are; fp64 keeps the table's tolerance.
+ILL_CONDITIONED = {"deep-odd"}
 
 
 def _make(config, dtype, seed, rows=13):
@@ -115,7 +123,8 @@ def _check(config, dtype, backend, seed=0, rows=13):
     ref_out, ref_grads = _run(reference.mlp, ref_kw, seed)
     torch_out, torch_grads, torch_kw = None, [None] * len(grads), None
     low = dtype in (torch.float16, torch.bfloat16)
-    if low:  # torch's own error in that dtype: the yardstick
+    if low or (dtype == torch.float32 and config in ILL_CONDITIONED):
+        # torch's own error in that dtype: the yardstick
         torch_kw = _leaves(kw)
         torch_out, torch_grads = _run(reference.mlp, torch_kw, seed)
     assert out.dtype == dtype and out.shape == ref_out.shape
@@ -146,6 +155,38 @@ def test_parity(dtype, config, backend):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 def test_parity_low_precision(dtype, config, backend):
     _check(config, dtype, backend, rows=32)
+
+
+# Rows that split into several blocks of the C++ CPU kernel (csrc/mlp.cpp: blocks of 16384
+# elements of the widest layer, whole-batch statistics merged across blocks; the weight gradient in
+# chunks of 16384 rows): 2053 rows of width 17 are 3 blocks, 16411 rows 2 chunks. (Not deep-odd:
+# in fp64 at 2053 rows its bias gradients before batch norm, 0 in exact arithmetic, are rounding
+# noise of 3e-10, above the fp64 tolerance whatever computes them.)
+MANY_BLOCKS = [("relu", 2053), ("leaky-bn", 2053), ("tanh-bn-some", 16411), ("relu-bn-eval", 16411)]
+
+
+@pytest.mark.parametrize("config,rows", MANY_BLOCKS)
+def test_parity_many_blocks(config, rows):
+    _check(config, torch.float64, "cpp", seed=2, rows=rows)
+
+
+@pytest.mark.parametrize("config", ["deep-odd", "leaky-bn", "tanh-bn-some"])
+def test_same_bits_on_any_thread_count(config):
+    """The C++ CPU kernel splits work by shape alone and adds partial sums in a fixed order."""
+    kw = _make(config, torch.float32, 4, rows=4099)
+    results = []
+    prev = torch.get_num_threads()
+    try:
+        for threads in (1, max(2, prev)):
+            torch.set_num_threads(threads)
+            leaves = _leaves(kw)
+            with hpml_ops.use_backend("cpp"):
+                out, grads = _run(hpml_ops.mlp, leaves, 4)
+            results.append([out, *grads, *leaves["running_means"], *leaves["running_vars"]])
+    finally:
+        torch.set_num_threads(prev)
+    for a, b in zip(*results, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
