@@ -85,6 +85,7 @@ class LinearActFn : public torch::autograd::Function<LinearActFn> {
     ctx->saved_data["negative_slope"] = negative_slope;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->mark_non_differentiable({mask});
+    ctx->set_materialize_grads(false);  // no zeros for the mask's absent gradient
     return {out, mask};
   }
 
@@ -93,7 +94,7 @@ class LinearActFn : public torch::autograd::Function<LinearActFn> {
     const bool ig = ctx->needs_input_grad(0), wg = ctx->needs_input_grad(1);
     const bool bg = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
     variable_list result(5);
-    if (!(ig || wg || bg)) return result;
+    if (!grads[0].defined() || !(ig || wg || bg)) return result;  // no gradient: none
     const auto saved = ctx->get_saved_variables();
     variable_list g;
     {
@@ -194,6 +195,7 @@ class BatchNormFn : public torch::autograd::Function<BatchNormFn> {
     ctx->saved_data["activation"] = activation;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->mark_non_differentiable({mean, invstd, var});
+    ctx->set_materialize_grads(false);  // no zeros for the statistics' absent gradients
     return {out, mean, invstd, var};
   }
 
@@ -204,7 +206,7 @@ class BatchNormFn : public torch::autograd::Function<BatchNormFn> {
     const bool wg = saved[1].defined() && ctx->needs_input_grad(1);
     const bool bg = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
     variable_list result(8);
-    if (!(ig || wg || bg)) return result;
+    if (!grads[0].defined() || !(ig || wg || bg)) return result;  // no gradient: none
     variable_list g;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
@@ -273,6 +275,7 @@ class MlpFn : public torch::autograd::Function<MlpFn> {
     variable_list result{out};
     result.insert(result.end(), saved.begin(), saved.end());
     ctx->mark_non_differentiable(variable_list(result.begin() + 1, result.end()));
+    ctx->set_materialize_grads(false);  // no zeros for the saved tensors' absent gradients
     return result;
   }
 
@@ -299,7 +302,7 @@ class MlpFn : public torch::autograd::Function<MlpFn> {
       bbg.push_back(ctx->needs_input_grad(vbb + i));
       any = any || bwg.get(i) || bbg.get(i);
     }
-    if (!any) return result;
+    if (!grads[0].defined() || !any) return result;  // no gradient for the output: none
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& input = saved[0];
     const at::Tensor& out = saved[1];

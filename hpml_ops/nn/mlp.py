@@ -4,9 +4,11 @@ as one op."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from ..ops.mlp import _mlp
+from ..constants import ACTIVATIONS
+from ..ops.mlp import run
 from ._common import check_backend
 
 # The activation modules the op knows, by exact type, and their names.
@@ -91,11 +93,21 @@ class FusedMLP(nn.Sequential):
         self.backend = check_backend(backend, "FusedMLP")
 
     def _layers(self) -> dict | None:
-        """parse_layers of the current children, cached while they stay the same modules."""
+        """parse_layers of the current children, cached while they stay the same modules, with
+        what every call needs ready: activation codes, batch-norm flags, the batch-norm
+        modules."""
         key = tuple(map(id, self._modules.values()))
         cached = self.__dict__.get("_hpml_layers")
         if cached is None or cached[0] != key:
-            cached = (key, parse_layers(self))
+            spec = parse_layers(self)
+            if spec is not None:
+                spec["codes"] = (
+                    ACTIVATIONS[spec["activation"]],
+                    ACTIVATIONS[spec["output_activation"]],
+                )
+                spec["flags"] = [bn is not None for bn in spec["bns"]]
+                spec["present"] = [bn for bn in spec["bns"] if bn is not None]
+            cached = (key, spec, {})
             self.__dict__["_hpml_layers"] = cached
         return cached[1]
 
@@ -103,46 +115,78 @@ class FusedMLP(nn.Sequential):
         spec = self._layers()
         if spec is None:
             return super().forward(input)
-        bns = [bn for bn in spec["bns"] if bn is not None]
+        bns = spec["present"]
         # One op for the whole net needs one mode and one eps for every batch norm, and (N, C)
         # input; otherwise the modules run one by one, as nn.Sequential runs them.
-        modes = {bn.training or (bn.running_mean is None and bn.running_var is None) for bn in bns}
-        epss = {bn.eps for bn in bns}
-        if len(modes) > 1 or len(epss) > 1 or (bns and input.dim() != 2):
-            return super().forward(input)
-        return _mlp(
-            input,
-            [lin.weight for lin in spec["linears"]],
-            [lin.bias for lin in spec["linears"]],
-            spec["activation"],
-            negative_slope=spec["negative_slope"],
-            output_activation=spec["output_activation"],
-            batch_norm=[bn is not None for bn in spec["bns"]],
-            bn_weights=[None if bn is None else bn.weight for bn in spec["bns"]],
-            bn_biases=[None if bn is None else bn.bias for bn in spec["bns"]],
-            running_means=[_running(bn, "running_mean") for bn in spec["bns"]],
-            running_vars=[_running(bn, "running_var") for bn in spec["bns"]],
-            training=modes.pop() if modes else False,
-            momentum=[0.0 if bn is None else _momentum(bn) for bn in spec["bns"]],
-            eps=epss.pop() if epss else 1e-5,
-            backend=self.backend,
-        )
+        training, eps = False, 1e-5
+        if bns:
+            first = bns[0]
+            training = first.training or (first.running_mean is None and first.running_var is None)
+            eps = first.eps
+            for bn in bns:
+                mode = bn.training or (bn.running_mean is None and bn.running_var is None)
+                if mode != training or bn.eps != eps:
+                    return super().forward(input)
+            if input.dim() != 2:
+                return super().forward(input)
+        none = _empty(self, input)
+        params = [lin._parameters for lin in spec["linears"]]
+        weights = [p["weight"] for p in params]
+        biases = [none if p["bias"] is None else p["bias"] for p in params]
+        bn_w, bn_b, r_m, r_v = [], [], [], []
+        for bn in spec["bns"]:
+            if bn is None:
+                bn_w.append(none), bn_b.append(none), r_m.append(none), r_v.append(none)
+                continue
+            p, b = bn._parameters, bn._buffers
+            bn_w.append(none if p.get("weight") is None else p["weight"])
+            bn_b.append(none if p.get("bias") is None else p["bias"])
+            stats = not bn.training or bn.track_running_stats  # as _BatchNorm.forward passes them
+            rm, rv = b.get("running_mean"), b.get("running_var")
+            r_m.append(rm if stats and rm is not None else none)
+            r_v.append(rv if stats and rv is not None else none)
+        act, out_act = spec["codes"]
+        return run(
+            input, weights, biases, spec["flags"], bn_w, bn_b, r_m, r_v, training, float(eps),
+            act, float(spec["negative_slope"]), out_act, _momenta(spec["bns"]), self.backend,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"backend={self.backend}" if self.backend is not None else ""
 
 
-def _running(bn, name: str):
-    """The running statistic the op reads or updates: as ``_BatchNorm.forward`` passes it."""
-    if bn is None or not (not bn.training or bn.track_running_stats):
-        return None
-    return getattr(bn, name)
+def _empty(module: FusedMLP, input: Tensor) -> Tensor:
+    """The ops' stand-in for None: an empty (0, 0) tensor on the input's device, kept per device
+    with the module's cached layers."""
+    if not isinstance(input, Tensor):
+        return None  # the op's argument check names the input
+    cache = module.__dict__["_hpml_layers"][2]
+    t = cache.get(input.device)
+    if t is None:
+        t = cache[input.device] = input.new_empty((0, 0))
+    return t
 
 
-def _momentum(bn) -> float:
-    """``_BatchNorm.forward``'s bookkeeping: count the batch, return the averaging factor."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    return factor
+def _momenta(bns) -> list[float]:
+    """``_BatchNorm.forward``'s bookkeeping for each batch norm (0.0 where a layer has none):
+    count the batch (one ``_foreach_add_`` for all), return the averaging factors."""
+    counted = [
+        bn.num_batches_tracked
+        for bn in bns
+        if bn is not None and bn.training and bn.track_running_stats
+        and bn.num_batches_tracked is not None
+    ]  # fmt: skip
+    if counted:
+        with torch.no_grad():
+            torch._foreach_add_(counted, 1)
+    out = []
+    for bn in bns:
+        if bn is None:
+            out.append(0.0)
+        elif bn.momentum is not None:
+            out.append(bn.momentum)
+        elif bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            out.append(1.0 / float(bn.num_batches_tracked))
+        else:
+            out.append(0.0)
+    return out

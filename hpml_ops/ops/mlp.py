@@ -23,6 +23,7 @@ from ._registry import AUTOCAST_LOWER, OpSpec, on_device, register
 _OP = "mlp"
 SAVED_PER_LAYER = 6  # csrc/mlp.h: kMlpSavedPerLayer
 _NONE, _RELU, _LEAKY = ACTIVATIONS["none"], ACTIVATIONS["relu"], ACTIVATIONS["leaky_relu"]
+_NAMES = {code: name for name, code in ACTIVATIONS.items()}
 _ACT_MSG = "must be 0 (none), 1 (relu), 2 (leaky_relu), 3 (sigmoid) or 4 (tanh)"
 
 
@@ -240,57 +241,89 @@ def _mlp(
     bn_weights, bn_biases, running_means, running_vars, training, momentum, eps,
     backend: str | None,
 ) -> Tensor:  # fmt: skip
-    """``mlp`` on ``backend`` (None: the process-wide choice); what FusedMLP calls."""
+    """``mlp`` on ``backend`` (None: the process-wide choice): its arguments in the ops' form,
+    then ``run``."""
     weights = list(weights)
     n_layers, n_hidden = len(weights), max(len(weights) - 1, 0)
     biases = [None] * n_layers if biases is None else list(biases)
     flags = [bool(batch_norm)] * n_hidden if isinstance(batch_norm, bool) else list(batch_norm)
-    bn_w = _per_hidden(bn_weights, n_hidden, "bn_weights")
-    bn_b = _per_hidden(bn_biases, n_hidden, "bn_biases")
-    r_m = _per_hidden(running_means, n_hidden, "running_means")
-    r_v = _per_hidden(running_vars, n_hidden, "running_vars")
+    lists = [
+        _per_hidden(v, n_hidden, name)
+        for v, name in (
+            (bn_weights, "bn_weights"),
+            (bn_biases, "bn_biases"),
+            (running_means, "running_means"),
+            (running_vars, "running_vars"),
+        )
+    ]
     act = activation_code(activation, _OP)
     out_act = activation_code(output_activation, f"{_OP}: output")
-    training = bool(training)
     if isinstance(input, Tensor):  # None as the ops take it: an empty (0, 0) tensor
         none = input.new_empty((0, 0))
-        biases, bn_w, bn_b, r_m, r_v = (
-            [none if t is None else t for t in ts] for ts in (biases, bn_w, bn_b, r_m, r_v)
-        )
-    args = (input, weights, biases, flags, bn_w, bn_b, r_m, r_v, training, float(eps), act)
+        biases = [none if t is None else t for t in biases]
+        lists = [[none if t is None else t for t in ts] for ts in lists]
+    momenta = list(momentum) if isinstance(momentum, Sequence) else [momentum] * n_hidden
+    return run(
+        input, weights, biases, flags, *lists, bool(training), float(eps), act,
+        float(negative_slope), out_act, momenta, backend,
+    )  # fmt: skip
+
+
+def run(
+    input, weights, biases, flags, bn_w, bn_b, r_m, r_v, training: bool, eps: float, act: int,
+    negative_slope: float, out_act: int, momenta, backend: str | None,
+) -> Tensor:  # fmt: skip
+    """The op on arguments in its form (lists of tensors with an empty (0, 0) tensor for an absent
+    one, activation codes, a momentum per hidden layer), then the running statistics' update:
+    ``mlp`` and ``FusedMLP`` both come here. The C++ op is called at once where it runs (it checks
+    its arguments and raises what ``check_args`` would); else the arguments are checked first."""
+    args = (input, weights, biases, flags, bn_w, bn_b, r_m, r_v, training, eps, act)
     if not (isinstance(input, Tensor) and input.dim() == 2 and OP.cpp_first(input.device, backend)
             and on_device(input.device, *weights)):  # fmt: skip
         check_args(*args, negative_slope, out_act, op=False)
         backend = OP.resolve(input.device, backend)
         if backend == "reference":
             return OP.reference(
-                input, weights, present(biases), activation, negative_slope, output_activation,
+                input, weights, present(biases), _NAMES[act], negative_slope, _NAMES[out_act],
                 flags, present(bn_w), present(bn_b), present(r_m), present(r_v), training,
-                momentum, eps,
+                momenta, eps,
             )  # fmt: skip
         call = OP.forward[backend]
     else:
         call = OP.cpp
     x2 = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
-    out, saved = call(x2, *args[1:], float(negative_slope), out_act)
+    out, saved = call(x2, *args[1:], negative_slope, out_act)
     if training and x2.shape[0] > 0:
-        _update_running_stats(saved, flags, r_m, r_v, momentum)
+        _update_running_stats(saved, flags, r_m, r_v, momenta)
     return out if input.dim() == 2 else out.reshape(*input.shape[:-1], out.shape[-1])
 
 
-def _update_running_stats(saved, flags, running_means, running_vars, momentum) -> None:
+def _update_running_stats(saved, flags, running_means, running_vars, momenta) -> None:
     """running = (1 - momentum) running + momentum batch for each batch-norm layer with running
-    statistics, from the mean and unbiased variance the op returned (as ``F.batch_norm``)."""
-    momenta = momentum if isinstance(momentum, Sequence) else [momentum] * len(flags)
+    statistics, from the mean and unbiased variance the op returned (as ``F.batch_norm``): one
+    ``_foreach_lerp_`` for all of them where they share a momentum and dtype, as they do in a
+    ``FusedMLP`` of ``BatchNorm1d`` with default settings."""
+    running, batch, weights = [], [], []
+    for i, has_bn in enumerate(flags):
+        rm, rv = running_means[i], running_vars[i]
+        if not has_bn or absent(rm) or absent(rv):
+            continue
+        s = SAVED_PER_LAYER * i
+        mean, var = saved[s + 3], saved[s + 5]
+        running += [rm, rv]
+        batch += [
+            mean if mean.dtype == rm.dtype else mean.to(rm.dtype),
+            var if var.dtype == rv.dtype else var.to(rv.dtype),
+        ]
+        weights += [momenta[i], momenta[i]]
+    if not running:
+        return
     with torch.no_grad():
-        for i, has_bn in enumerate(flags):
-            rm, rv = running_means[i], running_vars[i]
-            if not has_bn or absent(rm) or absent(rv):
-                continue
-            s = SAVED_PER_LAYER * i
-            mean, var = saved[s + 3], saved[s + 5]
-            rm.lerp_(mean.to(rm.dtype), momenta[i])
-            rv.lerp_(var.to(rv.dtype), momenta[i])
+        if len(set(weights)) == 1 and len({t.dtype for t in running}) == 1:
+            torch._foreach_lerp_(running, batch, weights[0])
+        else:
+            for r, b, w in zip(running, batch, weights, strict=True):
+                r.lerp_(b, w)
 
 
 # ---- the ops: fake kernels, the Triton ops' autograd formula, registration ---------------
