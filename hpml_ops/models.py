@@ -2,27 +2,25 @@
 
 ``MLP(in_features, hidden_sizes, out_features=1, activation="relu", batch_norm=True, init="he")``
 is a multilayer perceptron of hidden blocks and a linear head that returns logits (use it with
-``hpml_ops.nn.BCEWithLogitsLoss``). With ``fused=True`` (the default) its layers are
-``hpml_ops.nn.FusedLinear`` and ``hpml_ops.nn.BatchNorm1d``; with ``fused=False`` the same model
-is built from ``nn.Linear``, ``nn.BatchNorm1d`` and the activation modules. The two have the same
-``state_dict`` keys, shapes and, for the same seed, initial values, so a checkpoint of one loads
-into the other and both can start from identical weights::
+``hpml_ops.nn.BCEWithLogitsLoss``). It is built from PyTorch's own ``nn.Linear``,
+``nn.BatchNorm1d`` and activation modules either way; with ``fused=True`` (the default) it is an
+``hpml_ops.nn.FusedMLP`` that runs the whole network as one op forward and one op backward
+(``hpml_ops.mlp``); with ``fused=False`` it runs module by module, as ``nn.Sequential`` does. The
+two have the same modules, ``state_dict`` keys and, for the same seed, initial values, so a
+checkpoint of one loads into the other and both can start from identical weights::
 
-    fused = MLP(30, [64, 32])                        # hpml_ops' kernels
-    plain = MLP(30, [64, 32], fused=False)           # PyTorch's own modules
+    fused = MLP(30, [64, 32])                        # hpml_ops' whole-network op
+    plain = MLP(30, [64, 32], fused=False)           # PyTorch's own modules, one by one
     plain.load_state_dict(fused.state_dict())        # identical starting point
 
 Layout (an ``nn.Sequential``; block ``i`` is itself an ``nn.Sequential``)::
 
-    fused, batch_norm, relu:    i: [FusedLinear(act="none"), BatchNorm1d(activation="relu")]
-    plain, batch_norm, relu:    i: [Linear,                  BatchNorm1d,                 ReLU]
-    fused, batch_norm, other:   i: [FusedLinear(act="none"), BatchNorm1d,                 Tanh]
-    fused, no batch_norm:       i: [FusedLinear(act=activation)]
-    plain, no batch_norm:       i: [Linear,                                  activation module]
-    head:                       L: FusedLinear(act="none")  /  Linear
+    batch_norm:      i: [Linear, BatchNorm1d, activation module]
+    no batch_norm:   i: [Linear,              activation module]
+    head:            L: Linear
 
-The activation module always comes last in a block and has no parameters, so the keys
-(``"0.0.weight"``, ``"0.1.running_mean"``, ..., ``"L.weight"``) are the same in both forms.
+(no activation module for ``activation="none"``), so the keys are ``"0.0.weight"``,
+``"0.1.running_mean"``, ..., ``"L.weight"`` in both forms.
 """
 
 from __future__ import annotations
@@ -88,7 +86,7 @@ def init_linear_(
         nn.init.zeros_(layer.bias)
 
 
-class MLP(nn.Sequential):
+class MLP(hnn.FusedMLP):
     """Multilayer perceptron: ``len(hidden_sizes)`` hidden blocks (linear, optional batch norm,
     activation) and a linear head returning logits.
 
@@ -100,7 +98,8 @@ class MLP(nn.Sequential):
         batch_norm: a ``BatchNorm1d`` between each hidden linear layer and its activation.
         init: ``"he"``, ``"he_uniform"``, ``"xavier"``, ``"xavier_uniform"`` (see
             :func:`init_linear_`) or ``"torch"`` (``nn.Linear``'s default); biases zero.
-        fused: build from hpml_ops' fused modules (True) or from PyTorch's (False).
+        fused: run as one op forward and one op backward (True: ``hpml_ops.mlp``, on the
+            process-wide backend) or module by module (False: PyTorch's own ops).
         negative_slope: slope of ``"leaky_relu"``.
 
     Shapes: input ``(N, in_features)`` float; output ``(N, out_features)`` logits. Batch norm in
@@ -133,31 +132,16 @@ class MLP(nn.Sequential):
         kw = {"device": device, "dtype": dtype}
         blocks: list[nn.Module] = []
         for fan_in, fan_out in zip(sizes[:-2], sizes[1:-1], strict=True):
-            block: list[nn.Module] = []
-            if fused:
-                lin_act = "none" if batch_norm else activation
-                lin = hnn.FusedLinear(fan_in, fan_out, True, lin_act, negative_slope, **kw)
-            else:
-                lin = nn.Linear(fan_in, fan_out, **kw)
+            lin = nn.Linear(fan_in, fan_out, **kw)
             init_linear_(lin, init, activation, negative_slope)
-            block.append(lin)
-            act = _activation_module(activation, negative_slope)
+            block: list[nn.Module] = [lin]
             if batch_norm:
-                if fused and activation == "relu":
-                    block.append(hnn.BatchNorm1d(fan_out, activation="relu", **kw))
-                    act = None  # fused into the batch norm
-                else:
-                    bn_cls = hnn.BatchNorm1d if fused else nn.BatchNorm1d
-                    block.append(bn_cls(fan_out, **kw))
-            elif fused:
-                act = None  # fused into the linear layer
+                block.append(nn.BatchNorm1d(fan_out, **kw))
+            act = _activation_module(activation, negative_slope)
             if act is not None:
                 block.append(act)
             blocks.append(nn.Sequential(*block))
-        if fused:
-            head = hnn.FusedLinear(sizes[-2], sizes[-1], True, "none", **kw)
-        else:
-            head = nn.Linear(sizes[-2], sizes[-1], **kw)
+        head = nn.Linear(sizes[-2], sizes[-1], **kw)
         init_linear_(head, init, "none")
         super().__init__(*blocks, head)
         self.in_features = sizes[0]
@@ -184,8 +168,8 @@ class MLP(nn.Sequential):
 
     def twin(self, fused: bool | None = None) -> MLP:
         """A copy of this model (same architecture, parameters and buffers, on the same device
-        and dtype), built from the fused modules (``fused=True``) or PyTorch's (``False``); by
-        default the other kind."""
+        and dtype), run as one op (``fused=True``) or module by module (``False``); by default
+        the other kind."""
         fused = (not self.fused) if fused is None else fused
         p = next(self.parameters())
         other = MLP(**self.config(), fused=fused, device=p.device, dtype=p.dtype)
@@ -194,8 +178,11 @@ class MLP(nn.Sequential):
         return other
 
     def forward(self, input: Tensor) -> Tensor:
-        """``(N, in_features)`` -> ``(N, out_features)`` logits."""
-        return super().forward(input)
+        """``(N, in_features)`` -> ``(N, out_features)`` logits: the whole network as one op
+        (``fused``) or module by module."""
+        if self.fused:
+            return super().forward(input)
+        return nn.Sequential.forward(self, input)
 
     def extra_repr(self) -> str:
         return "fused=True" if self.fused else "fused=False"

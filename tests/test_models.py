@@ -29,17 +29,12 @@ def test_state_dict_round_trip(activation, batch_norm):
     assert list(sf) == list(sp)
     for k in sf:
         assert torch.equal(sf[k], sp[k]), k
-    # Modules differ: fused layers in one, torch's in the other.
-    assert isinstance(fused[0][0], hpml_ops.nn.FusedLinear)
-    assert type(plain[0][0]) is torch.nn.Linear
-    assert isinstance(fused[-1], hpml_ops.nn.FusedLinear) and fused[-1].activation == "none"
-    if batch_norm:
-        assert isinstance(fused[0][1], hpml_ops.nn.BatchNorm1d)
-        assert type(plain[0][1]) is torch.nn.BatchNorm1d
-        assert fused[0][1].activation == ("relu" if activation == "relu" else None)
-        assert fused[0][0].activation == "none"
-    else:
-        assert fused[0][0].activation == activation
+    # The same modules (PyTorch's) in both; the fused one runs them as one op.
+    for m in (fused, plain):
+        assert type(m[0][0]) is torch.nn.Linear and type(m[-1]) is torch.nn.Linear
+        if batch_norm:
+            assert type(m[0][1]) is torch.nn.BatchNorm1d
+    assert isinstance(fused, hpml_ops.nn.FusedMLP) and fused.fused and not plain.fused
     # Round trip: perturb, save from one, load into the other, and back.
     with torch.no_grad():
         for p in fused.parameters():
@@ -68,7 +63,7 @@ def test_twin_and_config():
 
 def test_no_hidden_layers_is_logistic_regression():
     m = MLP(5, [], 1)
-    assert len(m) == 1 and isinstance(m[0], hpml_ops.nn.FusedLinear)
+    assert len(m) == 1 and type(m[0]) is torch.nn.Linear
     assert m(torch.randn(3, 5)).shape == (3, 1)
 
 
@@ -156,3 +151,32 @@ def test_bad_arguments(kwargs, match):
     args = {"in_features": 3, "hidden_sizes": [4], **kwargs}
     with pytest.raises(ValueError, match=match):
         MLP(**args)
+
+
+def test_fused_runs_the_whole_network_as_one_op():
+    """MLP(fused=True) runs one hpml::mlp forward and one hpml::mlp_backward per step (below
+    autograd: what a TorchDispatchMode sees), and no matrix product of torch's; the plain form
+    runs torch's ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    x = torch.randn(9, 7)
+    for fused in (True, False):
+        m = MLP(7, [12, 5], 3, fused=fused)
+        with Record() as rec:
+            m(x).square().sum().backward()
+        mine = [op.removesuffix("_triton") for op in rec.ops if op.startswith("hpml.")]
+        products = [op for op in rec.ops if op in ("aten.addmm", "aten.mm", "aten.linear")]
+        if fused:
+            assert mine == ["hpml.mlp", "hpml.mlp_backward"] and not products, rec.ops
+        else:
+            assert not mine and products, rec.ops

@@ -20,11 +20,24 @@ ACTIVATION_MODULES: dict[type, str] = {
 }
 
 
+def flat_children(modules) -> list[nn.Module]:
+    """``modules`` in the order an ``nn.Sequential`` runs them, with the children of nested
+    ``nn.Sequential`` blocks (exact type) in their place and ``nn.Identity`` left out."""
+    out = []
+    for m in modules:
+        if type(m) is nn.Sequential:
+            out += flat_children(m)
+        elif type(m) is not nn.Identity:
+            out.append(m)
+    return out
+
+
 def parse_layers(modules) -> dict | None:
     """The structure of ``modules`` as ``hpml_ops.mlp`` runs it, or None if it is not
     ``Linear, [BatchNorm1d], act, ..., Linear, [act]`` with one activation (and slope) for every
-    hidden layer (exact types; ``nn.Identity`` anywhere is skipped)."""
-    mods = [m for m in modules if type(m) is not nn.Identity]
+    hidden layer (exact types; nested ``nn.Sequential`` blocks are read through, ``nn.Identity``
+    anywhere is skipped)."""
+    mods = flat_children(modules)
     linears, bns, acts = [], [], []
     i = 0
     while i < len(mods):
@@ -74,6 +87,10 @@ class FusedMLP(nn.Sequential):
     as one op, its backward as one op, with the batch-norm modules' bookkeeping
     (``num_batches_tracked``, ``momentum=None``) exactly as theirs.
 
+    The children may also be ``nn.Sequential`` blocks of those (``[Linear, BatchNorm1d, ReLU],
+    ..., Linear``, as ``hpml_ops.models.MLP`` lays them out): the keys are then the nested ones
+    (``0.0.weight``), as in the ``nn.Sequential`` of blocks it replaces.
+
     Shapes: input ``(*, in_features)``, output ``(*, out_features)``; with batch norm, 2-D
     input ``(N, in_features)`` (others run module by module, as ``nn.Sequential`` would).
 
@@ -96,10 +113,11 @@ class FusedMLP(nn.Sequential):
         """parse_layers of the current children, cached while they stay the same modules, with
         what every call needs ready: activation codes, batch-norm flags, the batch-norm
         modules."""
-        key = tuple(map(id, self._modules.values()))
+        mods = flat_children(self._modules.values())
+        key = tuple(map(id, mods))
         cached = self.__dict__.get("_hpml_layers")
         if cached is None or cached[0] != key:
-            spec = parse_layers(self)
+            spec = parse_layers(mods)
             if spec is not None:
                 spec["codes"] = (
                     ACTIVATIONS[spec["activation"]],
