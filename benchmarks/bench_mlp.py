@@ -55,7 +55,7 @@ def build(provider: str, model: nn.Sequential, backend: str) -> tuple[nn.Module,
         model = hpml_ops.nn.FusedMLP(*model, backend=backend)
         loss = hpml_ops.convert(loss, backend=backend)
     elif provider == "per-layer":
-        model = hpml_ops.convert(model, backend=backend)
+        model = hpml_ops.convert(model, backend=backend, fuse_mlp=False)
         loss = hpml_ops.convert(loss, backend=backend)
     elif provider == "compile":
         model = torch.compile(model, dynamic=False)

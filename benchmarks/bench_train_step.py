@@ -15,9 +15,10 @@ Optimizer: ``torch.optim.SGD(lr=0.01, momentum=0.9)`` with torch's default imple
 per-tensor loop on CPU, foreach on CUDA), the same for every provider. Providers:
 
 - ``eager``: the plain ``nn.Sequential`` and ``nn.BCEWithLogitsLoss``;
-- ``fused``: the same modules after ``hpml_ops.convert(model, backend="cpp")`` (C++ kernels on the
-  CPU, CUDA kernels on a GPU; skipped, saying why, where the cpp backend lacks one of the ops):
-  FusedLinear (+ activation), BatchNorm1d with fused ReLU, our loss;
+- ``fused``: the same modules after ``hpml_ops.convert(model, backend="cpp", fuse_mlp=False)``
+  (the per-layer ops: C++ kernels on the CPU, CUDA kernels on a GPU; skipped, saying why, where
+  the cpp backend lacks one of the ops): FusedLinear (+ activation), BatchNorm1d with fused ReLU,
+  our loss (the whole network as one op: ``bench_mlp.py``'s ``fused-mlp``);
 - ``fused-triton``: the same with ``backend="triton"`` (GPU only: on the CPU Triton runs
   interpreted, which measures the interpreter);
 - ``compile``: ``torch.compile`` of the eager model's forward + loss (Inductor; the backward is
@@ -115,7 +116,7 @@ class Trainer:
         loss_fn: nn.Module = nn.BCEWithLogitsLoss()
         backend = backend_of(provider)
         if backend is not None:
-            model = hpml_ops.convert(model, backend=backend)
+            model = hpml_ops.convert(model, backend=backend, fuse_mlp=False)
             loss_fn = hpml_ops.convert(loss_fn, backend=backend)
         self.model, self.loss_fn = model, loss_fn
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
 from . import nn as hnn
 from ._backend import CHOICES, use_backend
+from .nn.mlp import ACTIVATION_MODULES, flat_children, parse_layers
 
 # The activations a Linear can absorb, by exact type, and the name linear_act knows them by.
 _LINEAR_ACTIVATIONS: dict[type, str] = {
@@ -16,6 +19,8 @@ _LINEAR_ACTIVATIONS: dict[type, str] = {
     nn.Tanh: "tanh",
 }
 _BATCH_NORMS: dict[type, type] = {nn.BatchNorm1d: hnn.BatchNorm1d, nn.BatchNorm2d: hnn.BatchNorm2d}
+# Modules without state, which one FusedMLP may hold in several slots.
+_STATELESS = frozenset(ACTIVATION_MODULES)
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _HOOK_DICTS = (
     "_forward_hooks",
@@ -29,13 +34,27 @@ _HOOK_DICTS = (
 )
 
 
-def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
+def convert(
+    model: nn.Module,
+    backend: str | None = None,
+    *,
+    fuse_mlp: bool = True,
+    report: list[str] | None = None,
+) -> nn.Module:
     """Replace, in place, the torch modules of ``model`` that hpml_ops has fused drop-ins for, and
     return the model.
 
     What is replaced (exact types only: a subclass of these modules, which may have its own
     ``forward``, is left as it is, and so is every hpml_ops module already there):
 
+    - with ``fuse_mlp`` (the default), an ``nn.Sequential`` (exact type) that is a whole MLP,
+      ``Linear, [BatchNorm1d], activation, ..., Linear, [activation]`` with one activation for
+      every hidden layer (nested ``nn.Sequential`` blocks of those read through):
+      ``hpml_ops.nn.FusedMLP`` with the same children, so the same ``state_dict`` keys; its
+      forward and backward are one op each (``hpml_ops.mlp``). Not when any of its modules has
+      hooks, sits in more than one place, or has parameters of another dtype; a Sequential with
+      anything else in it (``Dropout``, ``SyncBatchNorm``, a convolution, ...) is not a whole MLP
+      and gets the per-layer fusion below. ``report`` says which and why;
     - ``nn.Linear`` directly followed, in an ``nn.Sequential``, by ``nn.ReLU``, ``nn.LeakyReLU``
       (its ``negative_slope`` kept), ``nn.Sigmoid`` or ``nn.Tanh``: one ``hpml_ops.nn.FusedLinear``
       with that activation, and the activation's slot becomes ``nn.Identity()``, so that the
@@ -65,6 +84,10 @@ def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
         backend: None (default): the converted modules run on the process-wide backend choice
             (``hpml_ops.use_backend``, ``HPML_BACKEND``); "cpp", "triton", "reference" or "auto":
             they always run on that backend (their ``backend`` attribute).
+        fuse_mlp: replace whole-MLP ``nn.Sequential`` blocks by ``FusedMLP`` (True) or keep to
+            the per-layer fusion everywhere (False).
+        report: a list to which convert appends one line per ``nn.Sequential`` it looked at:
+            fused into a ``FusedMLP``, or left to the per-layer ops and why.
 
     Returns:
         ``model``, converted in place (or the replacement of a bare module, see above).
@@ -89,11 +112,63 @@ def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
     alive = list(model.modules())
     uses = _count_uses(model)
     memo: dict[int, nn.Module] = {}
-    top = _convert_one(model, None, backend, memo)
+    ctx = _Ctx(backend, uses, memo, fuse_mlp, report)
+    top = _fused_mlp(model, "", ctx) or _convert_one(model, None, backend, memo)
     if top is None:
-        _walk(model, backend, uses, memo, set())
+        _walk(model, "", ctx, set())
     del alive
     return model if top is None else top
+
+
+class _Ctx:
+    """What every step of one conversion shares."""
+
+    def __init__(self, backend, uses, memo, fuse_mlp: bool, report) -> None:
+        self.backend, self.uses, self.memo = backend, uses, memo
+        self.fuse_mlp, self.report = fuse_mlp, report
+
+    def say(self, path: str, what: str) -> None:
+        if self.report is not None:
+            self.report.append(f"{path or '(model)'}: {what}")
+
+
+def _fused_mlp(seq: nn.Module, path: str, ctx: _Ctx) -> nn.Module | None:
+    """``seq`` as a ``FusedMLP`` (same children, attributes and flags), or None (saying why in
+    the report) when it is not an exact ``nn.Sequential`` that is a whole MLP hpml_ops.mlp runs."""
+    if not ctx.fuse_mlp or type(seq) is not nn.Sequential:
+        return None
+    blocks = [m for m in seq.modules() if type(m) is nn.Sequential]
+    mods = flat_children(seq)
+    names = ", ".join(type(m).__name__ for m in mods)
+    why = None
+    if parse_layers(mods) is None:
+        why = (
+            f"{names} is not Linear, [BatchNorm1d], activation, ..., Linear, [activation] with "
+            "one activation for every hidden layer"
+        )
+    elif any(_has_hooks(m) for m in [*blocks, *mods]):
+        why = "a module in it has hooks"
+    elif any(ctx.uses.get(id(m), 0) != 1 for m in [*blocks, *mods] if type(m) not in _STATELESS):
+        why = "a module in it sits in more than one place"  # (one activation module may)
+    elif any(b._parameters or b._buffers for b in blocks):
+        why = "an nn.Sequential in it has parameters or buffers of its own"
+    elif any(
+        t.dtype not in _DTYPES
+        for m in mods
+        for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+        if t.is_floating_point()
+    ):
+        why = "a parameter or buffer of a dtype other than fp32/fp64/fp16/bf16"
+    if why is not None:
+        ctx.say(path, f"left to the per-layer ops: {why}")
+        return None
+    new = hnn.FusedMLP(OrderedDict(seq._modules), backend=ctx.backend)
+    new.train(seq.training)
+    for name, value in seq.__dict__.items():
+        if name not in new.__dict__:
+            new.__dict__[name] = value
+    ctx.say(path, f"{names} -> FusedMLP")
+    return new
 
 
 def _count_uses(model: nn.Module) -> dict[int, int]:
@@ -110,20 +185,21 @@ def _has_hooks(m: nn.Module) -> bool:
     return any(getattr(m, name, None) for name in _HOOK_DICTS)
 
 
-def _walk(module: nn.Module, backend, uses, memo, seen: set[int]) -> None:
+def _walk(module: nn.Module, path: str, ctx: _Ctx, seen: set[int]) -> None:
     if id(module) in seen:
         return
     seen.add(id(module))
     if type(module) is nn.Sequential:
-        _fuse_sequential(module, backend, uses, memo)
+        _fuse_sequential(module, ctx.backend, ctx.uses, ctx.memo)
     for name, child in list(module._modules.items()):
         if child is None:
             continue
-        new = _convert_one(child, None, backend, memo)
+        child_path = f"{path}.{name}" if path else name
+        new = _fused_mlp(child, child_path, ctx) or _convert_one(child, None, ctx.backend, ctx.memo)
         if new is not None:
             module._modules[name] = new
         else:
-            _walk(child, backend, uses, memo, seen)
+            _walk(child, child_path, ctx, seen)
 
 
 def _fuse_sequential(seq: nn.Sequential, backend, uses, memo) -> None:

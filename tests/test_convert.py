@@ -121,44 +121,65 @@ def _assert_same_training(converted, original, x, target, backend):
         )
 
 
+@pytest.mark.parametrize("fuse_mlp", [False, True], ids=["per-layer", "fuse-mlp"])
 @pytest.mark.parametrize("backend", backend_params())
-def test_mlp_matches_original(backend):
+def test_mlp_matches_original(backend, fuse_mlp):
     torch.manual_seed(0)
     model = _mlp().to(DEVICE)
     original = copy.deepcopy(model)
-    converted = hpml_ops.convert(model)
+    report: list[str] = []
+    converted = hpml_ops.convert(model, fuse_mlp=fuse_mlp, report=report)
     assert converted is model
-    assert _count(converted) == {
-        "Sequential": 2,
-        "FusedLinear[relu]": 1,
-        "FusedLinear[leaky_relu]": 1,
-        "FusedLinear[tanh]": 1,
-        "FusedLinear[sigmoid]": 1,
-        "FusedLinear[none]": 1,
-        "Identity": 4,
-    }
+    if fuse_mlp:  # the top level mixes activations: per layer; the nested block is a whole MLP
+        assert _count(converted) == {
+            "Sequential": 1,
+            "FusedLinear[relu]": 1,
+            "FusedLinear[leaky_relu]": 1,
+            "FusedMLP": 1,
+            "Linear": 2,
+            "Tanh": 1,
+            "Sigmoid": 1,
+            "FusedLinear[none]": 1,
+            "Identity": 2,
+        }
+        assert report[0].startswith("(model): left to the per-layer ops: Linear, ReLU, Linear,")
+        assert report[1:] == ["4: Linear, Tanh, Linear, Sigmoid -> FusedMLP"]
+    else:
+        assert report == []
+        assert _count(converted) == {
+            "Sequential": 2,
+            "FusedLinear[relu]": 1,
+            "FusedLinear[leaky_relu]": 1,
+            "FusedLinear[tanh]": 1,
+            "FusedLinear[sigmoid]": 1,
+            "FusedLinear[none]": 1,
+            "Identity": 4,
+        }
     assert converted[2].negative_slope == 0.2
     x = torch.randn(17, 12, device=DEVICE)
     target = torch.rand(17, 3, device=DEVICE)
     _assert_same_training(converted, original, x, target, backend)
 
 
+@pytest.mark.parametrize("fuse_mlp", [False, True], ids=["per-layer", "fuse-mlp"])
 @pytest.mark.parametrize("backend", backend_params(op="batch_norm"))
-def test_convnet_matches_original(backend):
+def test_convnet_matches_original(backend, fuse_mlp):
     torch.manual_seed(1)
     model = _convnet().to(DEVICE)
     original = copy.deepcopy(model)
-    converted = hpml_ops.convert(model)
-    assert _count(converted) == {
-        "Sequential": 2,
-        "Conv2d": 2,
-        "hpml.BatchNorm2d[relu]": 2,
-        "Flatten": 1,
-        "FusedLinear[relu]": 1,
-        "FusedLinear[none]": 2,
-        "hpml.BatchNorm1d[relu]": 1,
-        "Identity": 4,
-    }
+    converted = hpml_ops.convert(model, fuse_mlp=fuse_mlp)
+    common = {"Conv2d": 2, "hpml.BatchNorm2d[relu]": 2, "Flatten": 1}
+    if fuse_mlp:  # the head (Linear, ReLU, Linear, BatchNorm1d, ReLU, Linear) as one op
+        assert _count(converted) == dict(
+            common, Sequential=1, FusedMLP=1, Linear=3, ReLU=2, BatchNorm1d=1, Identity=2
+        )
+    else:
+        assert _count(converted) == dict(
+            common,
+            Sequential=2,
+            Identity=4,
+            **{"FusedLinear[relu]": 1, "FusedLinear[none]": 2, "hpml.BatchNorm1d[relu]": 1},
+        )
     x = torch.randn(5, 3, 6, 6, device=DEVICE)
     target = torch.rand(5, 2, device=DEVICE)
     _assert_same_training(converted, original, x, target, backend)
@@ -261,7 +282,7 @@ def test_outside_sequential_and_left_alone():
     extra = nn.Sequential(ours, sub, nn.ReLU(), hooked, nn.ReLU(), shared, nn.ReLU(), shared)
     model.extra = extra
     original = copy.deepcopy(model)
-    hpml_ops.convert(model)
+    hpml_ops.convert(model, fuse_mlp=False)
     assert type(model.proj) is hpml_ops.nn.FusedLinear and model.proj.activation == "none"
     assert type(model.blocks[0]) is hpml_ops.nn.FusedLinear
     assert model.blocks[0].activation == "none" and type(model.blocks[1]) is nn.ReLU
@@ -315,17 +336,17 @@ def test_backend_attribute_honoured():
     if hpml_ops._backend.unavailable_reason("cpp", torch.device(DEVICE).type, "batch_norm"):
         pytest.skip("needs the cpp backend's linear_act and batch_norm on this device")
     torch.manual_seed(9)
-    pinned = hpml_ops.convert(_convnet().to(DEVICE), backend="cpp")
-    free = hpml_ops.convert(_convnet().to(DEVICE))
-    for m in pinned.modules():
-        if isinstance(m, hpml_ops.nn.FusedLinear | hpml_ops.nn.BatchNorm2d):
-            assert m.backend == "cpp"
     x = torch.randn(3, 3, 6, 6, device=DEVICE)
-    with hpml_ops.use_backend("reference"):
-        assert _hpml_ops_run(pinned, x) == {"hpml::linear_act", "hpml::batch_norm"}
-        assert _hpml_ops_run(free, x) == set()
-    with hpml_ops.use_backend("cpp"):
-        assert _hpml_ops_run(free, x) == {"hpml::linear_act", "hpml::batch_norm"}
+    for fuse_mlp, head in ((False, "hpml::linear_act"), (True, "hpml::mlp")):
+        pinned = hpml_ops.convert(_convnet().to(DEVICE), backend="cpp", fuse_mlp=fuse_mlp)
+        free = hpml_ops.convert(_convnet().to(DEVICE), fuse_mlp=fuse_mlp)
+        kinds = hpml_ops.nn.FusedLinear | hpml_ops.nn.BatchNorm2d | hpml_ops.nn.FusedMLP
+        assert all(m.backend == "cpp" for m in pinned.modules() if isinstance(m, kinds))
+        with hpml_ops.use_backend("reference"):
+            assert _hpml_ops_run(pinned, x) == {head, "hpml::batch_norm"}
+            assert _hpml_ops_run(free, x) == set()
+        with hpml_ops.use_backend("cpp"):
+            assert _hpml_ops_run(free, x) == {head, "hpml::batch_norm"}
     loss = hpml_ops.convert(nn.BCEWithLogitsLoss(), backend="reference")
     assert loss.backend == "reference"
     y = torch.randn(4, 2, device=DEVICE)
@@ -380,3 +401,57 @@ def test_bad_backend(monkeypatch):
     with pytest.raises(hpml_ops.BackendUnavailableError, match="switched off for this test"):
         hpml_ops.convert(model, backend="cpp")
     assert type(model[0]) is nn.Linear, "a failed convert must leave the model untouched"
+
+
+def test_fuse_mlp_replaces_whole_mlps_and_says_what_it_leaves():
+    """A whole-MLP nn.Sequential becomes a FusedMLP with the same children (same objects, same
+    state_dict keys, train flag kept; a bare one is returned); a Sequential with a Dropout, a
+    hook, a shared module or a SyncBatchNorm in it gets the per-layer fusion, and the report says
+    why."""
+    torch.manual_seed(11)
+
+    def net(*extra):
+        return nn.Sequential(nn.Linear(6, 9), nn.BatchNorm1d(9), nn.ReLU(), *extra, nn.Linear(9, 2))
+
+    bare = net()
+    bare.eval()
+    params = dict(bare.named_parameters())
+    keys = list(bare.state_dict())
+    original = copy.deepcopy(bare)
+    report: list[str] = []
+    fused = hpml_ops.convert(bare, report=report)
+    assert type(fused) is hpml_ops.nn.FusedMLP and not fused.training
+    assert report == ["(model): Linear, BatchNorm1d, ReLU, Linear -> FusedMLP"]
+    assert list(fused.state_dict()) == keys
+    assert all(p is params[n] for n, p in fused.named_parameters())
+    x = torch.randn(5, 6, device=DEVICE)
+    torch.testing.assert_close(fused.to(DEVICE)(x), original.to(DEVICE)(x), atol=FP32_ATOL,
+                               rtol=FP32_RTOL)  # fmt: skip
+
+    hooked = net()
+    hooked[1].register_forward_hook(lambda m, i, o: None)
+    shared_lin = nn.Linear(9, 9)
+    model = nn.Module()
+    model.a = net(nn.Dropout(0.1))
+    model.b = hooked
+    model.c = net(shared_lin, nn.ReLU(), shared_lin, nn.ReLU())
+    model.d = net(nn.SyncBatchNorm(9))
+    model.e = nn.Sequential(net(), nn.Dropout(0.1))  # the inner block is fused in its slot
+    model.f = nn.Sequential(net())  # a Sequential of one whole MLP is one
+    relu = nn.ReLU()  # one activation module in several slots: still a whole MLP
+    model.g = nn.Sequential(nn.Linear(6, 5), relu, nn.Linear(5, 5), relu, nn.Linear(5, 1))
+    report = []
+    hpml_ops.convert(model, report=report)
+    assert type(model.e[0]) is hpml_ops.nn.FusedMLP and type(model.e) is nn.Sequential
+    assert type(model.f) is hpml_ops.nn.FusedMLP and type(model.f[0]) is nn.Sequential
+    assert type(model.g) is hpml_ops.nn.FusedMLP and model.g[1] is model.g[3]
+    for name in "abcd":
+        assert type(getattr(model, name)) is nn.Sequential, name
+    assert type(model.a[0]) is hpml_ops.nn.FusedLinear  # the per-layer fusion instead
+    why = dict(line.split(": ", 1) for line in report)
+    assert "Dropout" in why["a"] and "is not Linear, [BatchNorm1d]" in why["a"]
+    assert why["b"] == "left to the per-layer ops: a module in it has hooks"
+    assert why["c"] == "left to the per-layer ops: a module in it sits in more than one place"
+    assert "SyncBatchNorm" in why["d"]
+    assert "Dropout" in why["e"]
+    assert why["e.0"] == why["f"] == "Linear, BatchNorm1d, ReLU, Linear -> FusedMLP"
