@@ -455,3 +455,49 @@ def test_fuse_mlp_replaces_whole_mlps_and_says_what_it_leaves():
     assert "SyncBatchNorm" in why["d"]
     assert "Dropout" in why["e"]
     assert why["e.0"] == why["f"] == "Linear, BatchNorm1d, ReLU, Linear -> FusedMLP"
+
+
+@pytest.mark.parametrize("fuse_mlp", [False, True], ids=["per-layer", "fuse-mlp"])
+def test_meta_device(fuse_mlp):
+    """Built on the meta device (deferred initialisation, shape inference), a converted model runs
+    forward and backward there as torch's does: the same shapes, dtypes and device."""
+    with torch.device("meta"):
+        original = _convnet()
+        converted = hpml_ops.convert(copy.deepcopy(original), fuse_mlp=fuse_mlp)
+        x = torch.randn(5, 3, 6, 6)
+        target = torch.rand(5, 2)
+        results = []
+        for model in (original, converted):
+            loss_fn = (
+                nn.BCEWithLogitsLoss() if model is original else hpml_ops.nn.BCEWithLogitsLoss()
+            )
+            y = model(x)
+            loss_fn(y, target).backward()
+            results.append([y, *(p.grad for p in model.parameters())])
+    for a, b in zip(*results, strict=True):
+        assert (a.shape, a.dtype, a.device.type) == (b.shape, b.dtype, "meta")
+
+
+def test_non_reentrant_checkpoint():
+    """torch.utils.checkpoint with use_reentrant=False (torch's recommended mode) and
+    checkpoint_sequential recompute our per-layer ops in the backward and give torch's outputs,
+    gradients and running statistics (fp64). Not yet with fuse_mlp: a FusedMLP at the end of a
+    checkpointed region updates its running statistics once where torch's modules update them
+    twice (checkpoint stops the recomputation when the op has saved its tensors, before the
+    Python-side update): issue 15."""
+    from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+
+    torch.manual_seed(12)
+    original = _convnet().to(DEVICE, torch.float64)
+    converted = hpml_ops.convert(copy.deepcopy(original), fuse_mlp=False)
+    x = torch.randn(5, 3, 6, 6, device=DEVICE, dtype=torch.float64)
+    results = []
+    for model in (original, converted):
+        y = checkpoint(model, x, use_reentrant=False)
+        y.square().sum().backward()
+        y2 = checkpoint_sequential(model, 2, x, use_reentrant=False)
+        y2.square().sum().backward()
+        results.append([y, y2, *(p.grad for p in model.parameters()), *model.buffers()])
+    atol, rtol = TOL[torch.float64]
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, atol=atol, rtol=rtol)

@@ -324,10 +324,19 @@ def on_device(device: torch.device, *tensors) -> bool:
 # ---- dtype rules at the public-function boundary ----------------------------------------------
 
 
+def autocast_on(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``; False for a device type autocast does not
+    know (``meta``: deferred initialisation, shape inference), where torch raises."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def autocast_to(dtype: torch.dtype, device_type: str, *tensors: Tensor | None):
     """Cast as autocast's fp32 policy would, when autocast is on for ``device_type``: fp16/bf16
     floating tensors to ``dtype``; fp64 and non-floating tensors unchanged."""
-    if not torch.is_autocast_enabled(device_type):
+    if not autocast_on(device_type):
         return tensors
     return tuple(
         t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..constants import ACT_USES_MASK, ACT_USES_OUTPUT, ACTIVATIONS, activation_code, mask_row_bytes
 from . import _checks as check
-from ._registry import AUTOCAST_LOWER, OpSpec, on_device, register
+from ._registry import AUTOCAST_LOWER, OpSpec, autocast_on, on_device, register
 
 _OP = "linear_act"
 
@@ -69,7 +69,7 @@ def check_args(input, weight, bias, activation: int, negative_slope, *, op: bool
                 f"{_OP}: bias of shape {check.shape(bias)} does not match "
                 f"out_features={weight.shape[0]}"
             )
-    if op or not torch.is_autocast_enabled(input.device.type):
+    if op or not autocast_on(input.device.type):
         check.same_dtype(_OP, input, weight, "weight")
         if bias is not None:
             check.same_dtype(_OP, input, bias, "bias")
