@@ -6,6 +6,8 @@ the nn.Sequential it replaces; bad input and edge cases."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -317,6 +319,30 @@ def test_fused_mlp_rejects_what_it_cannot_run():
         hpml_ops.nn.FusedMLP(
             nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1)
         )
+
+
+def test_fused_mlp_runs_hooked_children_one_by_one():
+    """A forward hook on one of FusedMLP's children (or a global one) sees that module's own input
+    and output: the modules then run one by one, as nn.Sequential's; without hooks, one op."""
+    torch.manual_seed(5)
+    seq = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    fused = hpml_ops.nn.FusedMLP(*copy.deepcopy(seq))
+    x = torch.randn(7, 3)
+    seen = []
+    for model in (seq, fused):
+        handle = model[0].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+        out = model(x)
+        handle.remove()
+        seen.append(out.detach())
+    torch.testing.assert_close(seen[2], seen[0])  # the first Linear's output, not fused past it
+    torch.testing.assert_close(seen[3], seen[1])
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append(m))
+    try:
+        fused(x)
+    finally:
+        handle.remove()
+    assert calls[:4] == list(fused) and calls[4] is fused
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ..constants import ACTIVATIONS
 from ..ops.mlp import run
@@ -125,13 +126,14 @@ class FusedMLP(nn.Sequential):
                 )
                 spec["flags"] = [bn is not None for bn in spec["bns"]]
                 spec["present"] = [bn for bn in spec["bns"] if bn is not None]
+                spec["modules"] = mods
             cached = (key, spec, {})
             self.__dict__["_hpml_layers"] = cached
         return cached[1]
 
     def forward(self, input: Tensor) -> Tensor:
         spec = self._layers()
-        if spec is None:
+        if spec is None or _hooked(spec["modules"]):
             return super().forward(input)
         bns = spec["present"]
         # One op for the whole net needs one mode and one eps for every batch norm, and (N, C)
@@ -148,21 +150,18 @@ class FusedMLP(nn.Sequential):
             if input.dim() != 2:
                 return super().forward(input)
         none = _empty(self, input)
-        params = [lin._parameters for lin in spec["linears"]]
-        weights = [p["weight"] for p in params]
-        biases = [none if p["bias"] is None else p["bias"] for p in params]
+        weights = [_tensor(lin, "weight") for lin in spec["linears"]]
+        biases = [_tensor(lin, "bias", none) for lin in spec["linears"]]
         bn_w, bn_b, r_m, r_v = [], [], [], []
         for bn in spec["bns"]:
             if bn is None:
                 bn_w.append(none), bn_b.append(none), r_m.append(none), r_v.append(none)
                 continue
-            p, b = bn._parameters, bn._buffers
-            bn_w.append(none if p.get("weight") is None else p["weight"])
-            bn_b.append(none if p.get("bias") is None else p["bias"])
+            bn_w.append(_tensor(bn, "weight", none))
+            bn_b.append(_tensor(bn, "bias", none))
             stats = not bn.training or bn.track_running_stats  # as _BatchNorm.forward passes them
-            rm, rv = b.get("running_mean"), b.get("running_var")
-            r_m.append(rm if stats and rm is not None else none)
-            r_v.append(rv if stats and rv is not None else none)
+            r_m.append(_tensor(bn, "running_mean", none) if stats else none)
+            r_v.append(_tensor(bn, "running_var", none) if stats else none)
         act, out_act = spec["codes"]
         return run(
             input, weights, biases, spec["flags"], bn_w, bn_b, r_m, r_v, training, float(eps),
@@ -171,6 +170,26 @@ class FusedMLP(nn.Sequential):
 
     def extra_repr(self) -> str:
         return f"backend={self.backend}" if self.backend is not None else ""
+
+
+def _tensor(m: nn.Module, name: str, none=None):
+    """``m.<name>`` (a parameter or buffer; ``none`` where it is None), read from the module's
+    dicts where it is registered there (``Module.__getattr__`` costs ~0.5 us a time), else as an
+    attribute (a parametrized or otherwise computed weight)."""
+    t = m._parameters.get(name) if name in m._parameters else m._buffers.get(name, m)
+    if t is m:
+        t = getattr(m, name, None)
+    return none if t is None else t
+
+
+def _hooked(mods) -> bool:
+    """Whether forward hooks would see the children one at a time (registered on one of them,
+    or globally): then the modules run one by one, so that every hook sees what it expects."""
+    return bool(
+        _global_forward_hooks
+        or _global_forward_pre_hooks
+        or any(m._forward_hooks or m._forward_pre_hooks for m in mods)
+    )
 
 
 def _empty(module: FusedMLP, input: Tensor) -> Tensor:
