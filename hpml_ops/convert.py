@@ -163,10 +163,7 @@ def _fused_mlp(seq: nn.Module, path: str, ctx: _Ctx) -> nn.Module | None:
         ctx.say(path, f"left to the per-layer ops: {why}")
         return None
     new = hnn.FusedMLP(OrderedDict(seq._modules), backend=ctx.backend)
-    new.train(seq.training)
-    for name, value in seq.__dict__.items():
-        if name not in new.__dict__:
-            new.__dict__[name] = value
+    _take_over(new, seq)  # the same children already; its flags and attributes
     ctx.say(path, f"{names} -> FusedMLP")
     return new
 
@@ -289,7 +286,7 @@ def _take_over(new: nn.Module, old: nn.Module) -> None:
     for name, b in old._buffers.items():
         new._buffers[name] = b
     new._non_persistent_buffers_set = set(old._non_persistent_buffers_set)
-    new.train(old.training)
+    new.training = old.training  # its own flag only: children keep theirs
     for name, value in old.__dict__.items():
         if name not in new.__dict__:
             new.__dict__[name] = value

@@ -415,12 +415,14 @@ def test_fuse_mlp_replaces_whole_mlps_and_says_what_it_leaves():
 
     bare = net()
     bare.eval()
+    bare[2].train()  # a child in another mode keeps it
     params = dict(bare.named_parameters())
     keys = list(bare.state_dict())
     original = copy.deepcopy(bare)
     report: list[str] = []
     fused = hpml_ops.convert(bare, report=report)
     assert type(fused) is hpml_ops.nn.FusedMLP and not fused.training
+    assert [m.training for m in fused.modules()] == [m.training for m in original.modules()]
     assert report == ["(model): Linear, BatchNorm1d, ReLU, Linear -> FusedMLP"]
     assert list(fused.state_dict()) == keys
     assert all(p is params[n] for n, p in fused.named_parameters())
