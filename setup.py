@@ -8,6 +8,7 @@ Environment:
                           toolkit that the nvcc on PATH resolves to
   HPML_SKIP_EXT=1         install the Python package only (the Makefile then builds the extension
                           in place with `setup.py build_ext --inplace`, incrementally, with its log)
+  HPML_NO_EMU=1           leave the CUDA emulator hpml_ops._C_emu out (its tests then skip)
   HPML_CPU_ISA            "avx2" or "default"; default: avx2 when the build machine has AVX2+FMA
                           (the extension is built in place, on the machine that runs it)
 """
@@ -234,8 +235,16 @@ if os.environ.get("HPML_SKIP_EXT", "0") == "1":
     setup()
     sys.exit(0)
 
+# HPML_NO_EMU=1: leave the emulator out (the one-shot GPU check, where the real GPU runs the
+# kernels and build time is device time); its tests then skip, saying so.
+_EXTENSIONS = [_extension()]
+if os.environ.get("HPML_NO_EMU", "0") != "1":
+    _EXTENSIONS.append(_emu_extension())
+else:
+    _say("NOT building the CUDA emulator hpml_ops._C_emu: HPML_NO_EMU=1 is set")
+
 setup(
-    ext_modules=[_extension(), _emu_extension()],
+    ext_modules=_EXTENSIONS,
     cmdclass={"build_ext": _build_ext()},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

@@ -6,7 +6,11 @@ Models (the same weights for every provider):
 
 - ``small``: ``make train``'s 30-64-32-1 with BatchNorm1d + ReLU, batch 32;
 - ``net``: the lecture's 256-120-84-10 with ReLU, batch 256;
-- ``wide``: 1024-1024-1024-1 with BatchNorm1d + ReLU, batch 4096.
+- ``wide``: 1024-1024-1024-1 with BatchNorm1d + ReLU, batch 4096;
+- ``narrow64``: 64 wide, 4 hidden layers of 64 with ReLU, 16 outputs, batch 2^20 (the GPU case
+  of tiny-cuda-nn's fully fused MLP; the default on a GPU, with ``wide``).
+
+fp32 on the CPU, fp16 on a GPU by default (``--dtype``).
 
 Modes: ``fwd`` (training-mode forward, no graph kept: under ``torch.no_grad``), ``fwd+bwd``
 (forward, sum of squares, backward), ``step`` (zero_grad, forward, BCE-with-logits loss against
@@ -45,7 +49,10 @@ MODELS = {
     "small": ((30, 64, 32, 1), True, 32),
     "net": ((256, 120, 84, 10), False, 256),
     "wide": ((1024, 1024, 1024, 1), True, 4096),
+    "narrow64": ((64, 64, 64, 64, 64, 16), False, 1 << 20),
 }
+GPU_MODELS = ("narrow64", "wide")
+CPU_MODELS = ("small", "net", "wide")
 
 
 def build(provider: str, model: nn.Sequential, backend: str) -> tuple[nn.Module, nn.Module]:
@@ -90,7 +97,7 @@ def make_case(mode: str, model: nn.Module, loss_fn: nn.Module, x, y):
 
 def main(argv=None) -> int:
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--models", default=None, help="small,net,wide (CPU); narrow64,wide (GPU)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--backend", default=None, help="cpp on the CPU, triton on a GPU by default")
     args = p.parse_args(argv)
@@ -102,16 +109,20 @@ def main(argv=None) -> int:
     modes = list(MODES) if args.modes == "fwd,bwd,fwd+bwd" else args.modes.split(",")
     meta = machine(device)
     meta["backend"] = backend
+    on_gpu = device.startswith("cuda")
+    dtype = getattr(torch, args.dtype or ("float16" if on_gpu else "float32"))
+    meta["dtype"] = str(dtype).removeprefix("torch.")
     meta["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     print(meta, flush=True)
     rows = []
-    for name in args.models.split(","):
+    models = args.models.split(",") if args.models else list(GPU_MODELS if on_gpu else CPU_MODELS)
+    for name in models:
         widths, bn, batch = MODELS[name]
         torch.manual_seed(0)
-        model = _stack(widths, bn).to(device)
+        model = _stack(widths, bn).to(device, dtype)
         g = torch.Generator().manual_seed(1)
-        x = torch.randn(batch, widths[0], generator=g).to(device)
-        y = torch.randint(0, 2, (batch, widths[-1]), generator=g).float().to(device)
+        x = torch.randn(batch, widths[0], generator=g).to(device, dtype)
+        y = torch.randint(0, 2, (batch, widths[-1]), generator=g).to(device, dtype)
         macs = sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True)) * batch
         torch._dynamo.reset()
         built = {prov: build(prov, model, backend) for prov in providers}
@@ -125,7 +136,7 @@ def main(argv=None) -> int:
             sync(device)
             res = bench_side_by_side(cases, device, min_time=args.min_time)
             flops = {"fwd": 2, "fwd+bwd": 6, "step": 6}[mode] * macs
-            key = {"model": name, "batch": batch, "mode": mode}
+            key = {"model": name, "batch": batch, "mode": mode, "dtype": meta["dtype"]}
             record_flops(rows, key, f"{name:>5} {mode:>7}", res, flops)
     return finish("mlp", meta, rows, args)
 

@@ -59,6 +59,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def _git_commit() -> str:
+    if os.environ.get("HPML_COMMIT"):  # a copy without .git (the lent GPU machine's)
+        return os.environ["HPML_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         rev = subprocess.run(

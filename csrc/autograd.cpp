@@ -46,10 +46,32 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
 // create_graph=True they come back as first-order results whose backward is an Error node linked
 // to the backward's inputs: differentiating them again raises, naming the op, instead of an
 // error from inside the kernel or a silently missing second-order term.
+//
+// An autograd node is held by std::shared_ptr in older torch (2.11, which the lent GPU machine
+// has) and by c10::intrusive_ptr in newer (2.14, ours): the pointer type is read off
+// Edge::function, and the node made the matching way.
+template <typename Ptr>
+struct NodeMaker;
+template <typename T>
+struct NodeMaker<std::shared_ptr<T>> {
+  template <typename N, typename... Args>
+  static std::shared_ptr<N> make(Args&&... args) {
+    return std::make_shared<N>(std::forward<Args>(args)...);
+  }
+};
+template <typename T, typename NullType>
+struct NodeMaker<c10::intrusive_ptr<T, NullType>> {
+  template <typename N, typename... Args>
+  static c10::intrusive_ptr<N> make(Args&&... args) {
+    return c10::make_intrusive<N>(std::forward<Args>(args)...);
+  }
+};
+using NodePtr = decltype(torch::autograd::Edge{}.function);
+
 variable_list once_differentiable(variable_list grads, const variable_list& inputs,
                                   const char* op) {
   if (!torch::autograd::compute_requires_grad(inputs)) return grads;  // also off without grad mode
-  auto err = c10::make_intrusive<torch::autograd::Error>(
+  auto err = NodeMaker<NodePtr>::template make<torch::autograd::Error>(
       std::string(op) + ": its gradient cannot be differentiated (a second backward through "
                         "create_graph=True is not supported)",
       torch::autograd::collect_next_edges(inputs));
