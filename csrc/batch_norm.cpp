@@ -171,7 +171,7 @@ constexpr int64_t kStreamBytes = int64_t(32) << 20;
 inline bool stream_output(const at::Tensor& t) { return t.numel() * t.element_size() >= kStreamBytes; }
 
 // Per-channel batch mean and biased variance (in double) of l.x: shifted sums with the shift K
-// each channel's first value.
+// each channel's first value (math::bn_shift: 0 where that is not finite).
 template <typename scalar_t>
 void batch_stats(const BnLayout& l, std::vector<double>& mean, std::vector<double>& var) {
   using acc_t = opmath_t<scalar_t>;
@@ -180,7 +180,7 @@ void batch_stats(const BnLayout& l, std::vector<double>& mean, std::vector<doubl
   const scalar_t* x = l.x.const_data_ptr<scalar_t>();
   std::vector<acc_t> shift(C, acc_t(0));
   if (n > 0)
-    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<acc_t>(x[c * l.inner]);
+    for (int64_t c = 0; c < C; ++c) shift[c] = math::bn_shift(static_cast<acc_t>(x[c * l.inner]));
   std::vector<double> s1, s2;
   reduce_channels<acc_t>(l.outer, C, l.inner,
                          [&](int64_t off, int64_t cnt, const auto& par) {
@@ -213,7 +213,7 @@ void backward_sums(const BnLayout& l, const at::Tensor& g, const at::Tensor& y, 
   reduce_channels<acc_t>(l.outer, l.channels, l.inner,
                          [&](int64_t off, int64_t cnt, const auto& par) {
                            const Vec dy = load(gp + off, cnt);
-                           const Vec dz = relu ? math::vselect(load(yp + off, cnt) > zero, dy, zero) : dy;
+                           const Vec dz = relu ? math::vselect(load(yp + off, cnt) <= zero, zero, dy) : dy;
                            return std::make_pair(dz, dz * (load(x + off, cnt) - par(mean.data())));
                          },
                          sdz, sdzx);
@@ -236,7 +236,7 @@ void backward_dx(const BnLayout& l, const at::Tensor& g, const at::Tensor& y, bo
   const Vec zero(acc_t(0));
   map_channels<acc_t>(l.outer, l.channels, l.inner, [&](int64_t off, int64_t cnt, const auto& par) {
     const Vec dy = load(gp + off, cnt);
-    Vec v = relu ? math::vselect(load(yp + off, cnt) > zero, dy, zero) : dy;
+    Vec v = relu ? math::vselect(load(yp + off, cnt) <= zero, zero, dy) : dy;
     if (batch_terms)
       v = v - par(gmean.data()) - (load(x + off, cnt) - par(mean.data())) * par(k.data());
     if (stream)
@@ -250,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, bool training, double eps, int64_t activation) {
-  check_batch_norm(input, weight, bias, running_mean, running_var, training, activation);
+  check_batch_norm(input, weight, bias, running_mean, running_var, training, eps, activation);
   const BnLayout l = bn_layout(input);
   const int64_t C = l.channels, n = l.count();
   at::Tensor out = empty_like_layout(l);

@@ -71,7 +71,7 @@ inline void check_batch_norm(const at::Tensor& input, const std::optional<at::Te
                              const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& running_mean,
                              const std::optional<at::Tensor>& running_var, bool training,
-                             int64_t activation) {
+                             double eps, int64_t activation) {
   constexpr const char* op = "batch_norm";
   check_bn_input(op, input, activation);
   check_channel_vector(op, weight, input, "weight");
@@ -80,6 +80,8 @@ inline void check_batch_norm(const at::Tensor& input, const std::optional<at::Te
   check_channel_vector(op, running_var, input, "running_var");
   TORCH_CHECK(training || (present(running_mean) && present(running_var)),
               "running_mean must be defined in evaluation mode");
+  TORCH_CHECK_VALUE(present(running_mean) == present(running_var),
+                    "running_mean and running_var must either both be None or neither be None");
   if (training) {
     // torch's rule (F.batch_norm's _verify_batch_size): N times the spatial size, C aside.
     int64_t per_channel = input.size(0);
@@ -87,7 +89,10 @@ inline void check_batch_norm(const at::Tensor& input, const std::optional<at::Te
     TORCH_CHECK_VALUE(per_channel != 1,
                       "Expected more than 1 value per channel when training, got input size ",
                       torch_size(input.sizes()));
+    TORCH_CHECK_VALUE(eps > 0.0, "batch_norm eps must be positive during training, but got ",
+                      py_float(eps));
   }
+  TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", py_float(eps));
 }
 
 // The checks shared by the backward ops: grad (and the output, read for the ReLU mask) of the

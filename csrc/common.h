@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <sstream>
 #include <string>
 
 namespace hpml {
@@ -50,6 +51,26 @@ inline std::string py_shape(at::IntArrayRef s) {
     out += (i ? ", " : "") + std::to_string(s[i]);
   }
   return out + (s.size() == 1 ? ",)" : ")");
+}
+
+// A float as Python's repr prints it for the values error messages show: "0.0", "-1.0", "1e-05".
+inline std::string py_float(double v) {
+  std::ostringstream os;
+  os.precision(17);
+  os << v;
+  std::string s = os.str();
+  // Shortest form that reads back the same, as repr does.
+  for (int p = 1; p <= 17; ++p) {
+    std::ostringstream t;
+    t.precision(p);
+    t << v;
+    if (std::stod(t.str()) == v) {
+      s = t.str();
+      break;
+    }
+  }
+  if (s.find_first_of(".eEn") == std::string::npos) s += ".0";  // integral: "0" -> "0.0"
+  return s;
 }
 
 // A shape as torch prints a torch.Size: "torch.Size([4, 6])".

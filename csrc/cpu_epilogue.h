@@ -14,7 +14,8 @@
 namespace hpml {
 
 // Rows [r0, r1) of out (N columns, row-major): out = act(out + bias) (bias may be null), and
-// where mask is not null the rows' bits of out > 0 (before the activation), 8 per byte.
+// where mask is not null the rows' bits of out > 0 (before the activation; for ReLU NaN too, as
+// torch's backward passes its gradient), 8 per byte.
 template <typename scalar_t, Act A>
 inline void epilogue_rows(scalar_t* out, const scalar_t* bias, uint8_t* mask, int64_t r0, int64_t r1,
                    int64_t N, opmath_t<scalar_t> slope) {
@@ -33,7 +34,8 @@ inline void epilogue_rows(scalar_t* out, const scalar_t* bias, uint8_t* mask, in
       Vec z = load(row + j, c);
       if (bias != nullptr) z = z + load(bias + j, c);
       // j is a multiple of V, so a vector's bits land in one byte (V <= 8).
-      if (mrow != nullptr) mrow[j >> 3] |= static_cast<uint8_t>(positive_bits(z, c) << (j & 7));
+      if (mrow != nullptr)
+        mrow[j >> 3] |= static_cast<uint8_t>(positive_bits<A == Act::Relu>(z, c) << (j & 7));
       store(row + j, math::activate<A>(z, vslope), c);
     }
   }

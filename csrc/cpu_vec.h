@@ -74,26 +74,32 @@ inline void stream_fence() {
 #endif
 }
 
-// Bit k set where lane k of v is > 0, for k < count (other bits 0). One movemask on AVX2.
-template <typename T>
+// Bit k set where lane k of v is > 0, for k < count (other bits 0); with kNanSet also where it
+// is NaN (ReLU's mask: torch's threshold_backward passes the gradient unless x <= 0, so a NaN
+// pre-activation passes it; leaky ReLU's is x > 0). One movemask on AVX2.
+template <bool kNanSet = false, typename T>
 inline uint32_t positive_bits(const Vectorized<T>& v, int64_t count) {
   constexpr int64_t V = Vectorized<T>::size();
   const uint32_t keep = count >= V ? (V >= 32 ? ~0u : (1u << V) - 1) : (1u << count) - 1;
 #if defined(CPU_CAPABILITY_AVX2)
+  constexpr int kPred = kNanSet ? _CMP_NLE_UQ : _CMP_GT_OQ;
   if constexpr (std::is_same_v<T, float> && V == 8) {
     return static_cast<uint32_t>(
-               _mm256_movemask_ps(_mm256_cmp_ps(__m256(v), _mm256_setzero_ps(), _CMP_GT_OQ))) &
+               _mm256_movemask_ps(_mm256_cmp_ps(__m256(v), _mm256_setzero_ps(), kPred))) &
            keep;
   } else if constexpr (std::is_same_v<T, double> && V == 4) {
     return static_cast<uint32_t>(
-               _mm256_movemask_pd(_mm256_cmp_pd(__m256d(v), _mm256_setzero_pd(), _CMP_GT_OQ))) &
+               _mm256_movemask_pd(_mm256_cmp_pd(__m256d(v), _mm256_setzero_pd(), kPred))) &
            keep;
   }
 #endif
   __at_align__ T buf[V];
   v.store(buf);
   uint32_t bits = 0;
-  for (int64_t k = 0; k < V; ++k) bits |= static_cast<uint32_t>(buf[k] > T(0)) << k;
+  for (int64_t k = 0; k < V; ++k) {
+    const bool set = kNanSet ? !(buf[k] <= T(0)) : buf[k] > T(0);
+    bits |= static_cast<uint32_t>(set) << k;
+  }
   return bits & keep;
 }
 

@@ -22,6 +22,14 @@
 namespace hpml {
 namespace math {
 
+// The shift K of batch norm's shifted sums S1 = sum(x - K), S2 = sum((x - K)^2): a channel's
+// first value, or 0 where that is not finite (an infinite K turns every difference into NaN,
+// where torch's mean of a channel holding an inf is that inf). v - v is 0 exactly when v is finite.
+template <typename T>
+C10_HOST_DEVICE inline T bn_shift(T v) {
+  return v - v == T(0) ? v : T(0);
+}
+
 // ---- primitive overloads: scalars (host + device) ----------------------------------------------
 C10_HOST_DEVICE inline float vexp(float x) { return ::expf(x); }
 C10_HOST_DEVICE inline double vexp(double x) { return ::exp(x); }

@@ -146,15 +146,18 @@ std::vector<double> sum_blocks(const std::vector<T>& parts, int64_t nblocks, int
 
 // ---- batch norm passes over rows ----------------------------------------------------------
 
-// Per-channel shifted sums of rows [r0, r1) of z (N columns), shifted by row r0: into s1, s2.
+// Per-channel shifted sums of rows [r0, r1) of z (N columns), shifted by row r0 (math::bn_shift:
+// 0 where a value is not finite): into s1, s2.
 template <typename T>
 void block_moments(const T* z, int64_t r0, int64_t r1, int64_t N, T* s1, T* s2) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
   const T* k = z + r0 * N;
+  T kb[V];
   for (int64_t j = 0; j < N; j += V) {
     const int64_t c = std::min<int64_t>(V, N - j);
-    const Vec kv = load(k + j, c);
+    for (int64_t i = 0; i < c; ++i) kb[i] = math::bn_shift(k[j + i]);
+    const Vec kv = load(kb, c);
     Vec a(T(0)), b(T(0));
     for (int64_t m = r0; m < r1; ++m) {
       const Vec d = load(z + m * N + j, c) - kv;
@@ -193,7 +196,7 @@ inline Vectorized<T> bn_act_grad(const Vectorized<T>& g, const T* h, const T* au
   using Vec = Vectorized<T>;
   const Vec zero(T(0));
   if constexpr (A == Act::Relu) {
-    return math::vselect(load(h + off, c) > zero, g, zero);
+    return math::vselect(load(h + off, c) <= zero, zero, g);  // a NaN output passes g, as torch
   } else if constexpr (A == Act::LeakyRelu) {
     return math::vselect(load(aux + off, c) > zero, g, g * Vec(slope));
   } else if constexpr (A == Act::Sigmoid || A == Act::Tanh) {
@@ -647,7 +650,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cpu(
     return mlp_layers(input, weights, biases, batch_norm, bn_weights, bn_biases, running_means,
                       running_vars, training, eps, activation, negative_slope, output_activation);
   check_mlp(input, weights, biases, batch_norm, bn_weights, bn_biases, running_means,
-            running_vars, training, activation, output_activation);
+            running_vars, training, eps, activation, output_activation);
   const Act act = static_cast<Act>(activation), out_act = static_cast<Act>(output_activation);
   if (input.scalar_type() == at::kFloat)
     return forward_native<float>(input, weights, biases, batch_norm, bn_weights, bn_biases,

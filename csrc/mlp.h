@@ -47,8 +47,8 @@ inline std::string layer_name(int64_t i, const char* what) {
 inline void check_mlp(const at::Tensor& input, at::TensorList weights, OptTensorList biases,
                       const c10::List<bool>& batch_norm, OptTensorList bn_weights,
                       OptTensorList bn_biases, OptTensorList running_means,
-                      OptTensorList running_vars, bool training, int64_t activation,
-                      int64_t output_activation, bool batch_norm_mode = true) {
+                      OptTensorList running_vars, bool training, double eps,
+                      int64_t activation, int64_t output_activation, bool batch_norm_mode = true) {
   // batch_norm_mode: check the batch norms' statistics against the mode (the forward's
   // concern; the backward reads the statistics the forward saved).
   constexpr const char* op = "mlp";
@@ -122,6 +122,11 @@ inline void check_mlp(const at::Tensor& input, at::TensorList weights, OptTensor
         TORCH_CHECK_VALUE(!training || input.size(0) != 1,
                           "Expected more than 1 value per channel when training, got input size ",
                           torch_size({input.size(0), n}));
+        TORCH_CHECK_VALUE(!training || eps > 0.0,
+                          "batch_norm eps must be positive during training, but got ",
+                          py_float(eps));
+        TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ",
+                          py_float(eps));
       }
     }
     fan_in = n;
@@ -144,7 +149,7 @@ inline void check_mlp_backward(const at::Tensor& grad, const at::Tensor& input,
   const std::vector<at::Tensor> no_stats_v(std::max<int64_t>(L - 1, 0));
   const OptTensorList no_stats(no_stats_v);
   check_mlp(input, weights, biases, batch_norm, bn_weights, no_stats, no_stats, no_stats,
-            training, activation, output_activation, /*batch_norm_mode=*/false);
+            training, /*eps=*/1.0, activation, output_activation, /*batch_norm_mode=*/false);
   TORCH_CHECK(static_cast<int64_t>(saved.size()) == kMlpSavedPerLayer * (L - 1) + 1, op,
               ": expected ", kMlpSavedPerLayer * (L - 1) + 1, " saved tensors, got ",
               saved.size());
@@ -217,7 +222,7 @@ inline std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_layers(
     OptTensorList running_vars, bool training, double eps, int64_t activation,
     double negative_slope, int64_t output_activation) {
   check_mlp(input, weights, biases, batch_norm, bn_weights, bn_biases, running_means,
-            running_vars, training, activation, output_activation);
+            running_vars, training, eps, activation, output_activation);
   const int64_t L = static_cast<int64_t>(weights.size());
   const Act act = static_cast<Act>(activation);
   // A fresh empty tensor for every empty slot: the outputs of an op may not alias each other.
@@ -315,7 +320,7 @@ mlp_backward_layers(const at::Tensor& grad, const at::Tensor& input, const at::T
       case Act::LeakyRelu: ga = at::where(at::gt(aux, 0), g, at::mul(g, negative_slope)); break;
       case Act::Sigmoid: ga = at::sigmoid_backward(g, h); break;
       case Act::Tanh: ga = at::tanh_backward(g, h); break;
-      default: break;  // none; relu: the batch norm's backward masks by h > 0
+      default: break;  // none; relu: the batch norm's backward masks by !(h <= 0)
     }
     auto [gz, gbwi, gbbi] = mlp_ops::batch_norm_backward(
         ga, saved[s + 2], opt_at(bn_weights, i), h, saved[s + 3], saved[s + 4], training,

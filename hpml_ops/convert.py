@@ -18,7 +18,11 @@ _LINEAR_ACTIVATIONS: dict[type, str] = {
     nn.Sigmoid: "sigmoid",
     nn.Tanh: "tanh",
 }
-_BATCH_NORMS: dict[type, type] = {nn.BatchNorm1d: hnn.BatchNorm1d, nn.BatchNorm2d: hnn.BatchNorm2d}
+_BATCH_NORMS: dict[type, type] = {
+    nn.BatchNorm1d: hnn.BatchNorm1d,
+    nn.BatchNorm2d: hnn.BatchNorm2d,
+    nn.BatchNorm3d: hnn.BatchNorm3d,
+}
 # Modules without state, which one FusedMLP may hold in several slots.
 _STATELESS = frozenset(ACTIVATION_MODULES)
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -60,7 +64,7 @@ def convert(
       with that activation, and the activation's slot becomes ``nn.Identity()``, so that the
       Sequential's indices, and therefore the ``state_dict`` keys, stay the same;
     - any other ``nn.Linear``: ``FusedLinear(activation="none")``;
-    - ``nn.BatchNorm1d`` / ``nn.BatchNorm2d``: ``hpml_ops.nn.BatchNorm1d`` / ``BatchNorm2d``, with
+    - ``nn.BatchNorm1d`` / ``2d`` / ``3d``: ``hpml_ops.nn.BatchNorm1d`` / ``2d`` / ``3d``, with
       ``activation="relu"`` (and the ReLU's slot ``nn.Identity()``) when an ``nn.ReLU`` follows it
       in an ``nn.Sequential``;
     - ``nn.BCEWithLogitsLoss``: ``hpml_ops.nn.BCEWithLogitsLoss``.

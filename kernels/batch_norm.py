@@ -90,7 +90,7 @@ def _bn_partial_sums_kernel(
         dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         if RELU:
             # A select, as torch's threshold_backward.
-            dz = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC) > 0, dz, 0.0)
+            dz = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC) <= 0, 0.0, dz)
         a = dz
         b = dz * d
     else:
@@ -159,7 +159,7 @@ def _bn_apply_kernel(
     if BACKWARD:
         v = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
         if RELU:
-            v = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC) > 0, v, 0.0)
+            v = tl.where(tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC) <= 0, 0.0, v)
         if TRAINING:
             gmean = tl.load(gmean_ptr + offs_c, mask=cmask, other=0.0)[None, :]
             k = tl.load(k_ptr + offs_c, mask=cmask, other=0.0)[None, :]
@@ -210,7 +210,8 @@ def _channel_sums(x, dy, y, ref, R, C, inner, backward, relu):
 def _batch_stats(x, R, C, inner):
     """Per-channel (mean, biased variance) in fp64 from the shifted sums (R > 0)."""
     acc_t, _ = _acc(x.dtype)
-    shift = _first_values(x, C, inner).to(acc_t).contiguous()
+    first = _first_values(x, C, inner).to(acc_t)
+    shift = torch.where(first.isfinite(), first, 0.0).contiguous()  # csrc/hpml_math.h bn_shift
     s1, s2 = _channel_sums(x, None, None, shift, R, C, inner, False, False)
     m1 = s1 / R
     return shift.double() + m1, (s2 / R - m1 * m1).clamp_min(0.0)
@@ -220,7 +221,7 @@ def batch_norm(input, weight, bias, running_mean, running_var, training, eps, ac
     """hpml::batch_norm_triton: (output, mean, invstd, var), the output in the input's layout;
     per-channel statistics in fp32 (fp64 for fp64 input); var the unbiased batch variance in
     training, else empty."""
-    check_args(input, weight, bias, running_mean, running_var, training, activation)
+    check_args(input, weight, bias, running_mean, running_var, training, eps, activation)
     x, outer, C, inner = _layout(input)
     R = outer * inner
     acc_t, acc_tl = _acc(x.dtype)

@@ -188,7 +188,10 @@ def _linear_act_fwd_kernel(
         z += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC)[None, :]
     rows = offs_m[:, None].to(tl.int64)
     if WRITE_MASK:
-        bits = tl.reshape((z > 0).to(tl.int32), (BLOCK_M, BLOCK_N // 8, 8))
+        on = z > 0
+        if ACT == _RELU:  # NaN too: torch's ReLU backward passes the gradient unless z <= 0
+            on = on | (z != z)
+        bits = tl.reshape(on.to(tl.int32), (BLOCK_M, BLOCK_N // 8, 8))
         packed = tl.sum(bits << tl.arange(0, 8)[None, None, :], axis=2).to(tl.uint8)
         offs_b = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
         tl.store(

@@ -7,6 +7,7 @@ the nn.Sequential it replaces; bad input and edge cases."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -369,3 +370,22 @@ def test_bad_inputs(backend):
             hpml_ops.mlp(**bn)
         with pytest.raises(RuntimeError, match="expected 2 biases"):
             hpml_ops.mlp(**dict(kw, biases=[None]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_norm_eps_rules_as_torch(backend):
+    """torch's batch norm rejects eps <= 0 in training and eps < 0 in evaluation (ValueError,
+    its words); eps = 0 in evaluation runs. FusedMLP, whichever kernel runs it, does the same."""
+    torch.manual_seed(6)
+    for eps, training in ((0.0, True), (-1.0, True), (0.0, False), (-1.0, False)):
+        seq = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5, eps=eps), nn.ReLU(), nn.Linear(5, 2))
+        seq.train(training)
+        fused = hpml_ops.nn.FusedMLP(*copy.deepcopy(seq), backend=backend)
+        x = torch.randn(6, 3)
+        try:
+            want = seq(x)
+        except ValueError as e:
+            with pytest.raises(ValueError, match=re.escape(str(e))):
+                fused(x)
+            continue
+        torch.testing.assert_close(fused(x), want)

@@ -222,7 +222,7 @@ __device__ __forceinline__ void accumulate(acc_t x, acc_t ref, acc_t dy, acc_t y
                                            acc_t& sa, acc_t& sb) {
   const acc_t d = x - ref;
   if constexpr (GRAD) {
-    const acc_t dz = relu ? math::vselect(y > acc_t(0), dy, acc_t(0)) : dy;
+    const acc_t dz = relu ? math::vselect(y <= acc_t(0), acc_t(0), dy) : dy;
     sa += dz;
     sb += dz * d;
   } else {
@@ -240,7 +240,7 @@ template <bool BWD, typename acc_t>
 __device__ __forceinline__ acc_t apply_one(const Coef<acc_t>& k, acc_t x, acc_t dy, acc_t y,
                                            bool relu, bool batch_terms) {
   if constexpr (BWD) {
-    const acc_t dz = relu ? math::vselect(y > acc_t(0), dy, acc_t(0)) : dy;
+    const acc_t dz = relu ? math::vselect(y <= acc_t(0), acc_t(0), dy) : dy;
     return batch_terms ? bn_dx(dz, x, k.v[0], k.v[2], k.v[3], k.v[1]) : dz * k.v[1];
   } else {
     const acc_t v = bn_normalize(x, k.v[0], k.v[1], k.v[2]);
@@ -374,7 +374,8 @@ __global__ void __launch_bounds__(kThreads) bn_reduce_rows_kernel(const ReduceAr
     sa[v] = sb[v] = ref[v] = 0;
     if (active) {
       const int64_t c = a.inner_div.div(col0 + v);
-      ref[v] = GRAD ? static_cast<acc_t>(a.mean.get(c, 0.0)) : static_cast<acc_t>(a.x[c * a.inner]);
+      ref[v] = GRAD ? static_cast<acc_t>(a.mean.get(c, 0.0))
+                    : math::bn_shift(static_cast<acc_t>(a.x[c * a.inner]));
     }
   }
 #pragma unroll 1
@@ -569,7 +570,7 @@ __global__ void __launch_bounds__(32 * kMergeStripes)
   if (threadIdx.y != 0 || !active) return;
   acc_t mean, invstd;
   if (a.training) {
-    const acc_t shift = a.n > 0 ? static_cast<acc_t>(a.x[c * a.inner]) : acc_t(0);
+    const acc_t shift = a.n > 0 ? math::bn_shift(static_cast<acc_t>(a.x[c * a.inner])) : acc_t(0);
     const BnMoments m = bn_moments(a.inv_n, static_cast<double>(shift), s1, s2);
     mean = static_cast<acc_t>(m.mean);
     invstd = static_cast<acc_t>(bn_invstd(m.var, a.eps));
@@ -815,7 +816,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, bool training, double eps, int64_t activation) {
-  check_batch_norm(input, weight, bias, running_mean, running_var, training, activation);
+  check_batch_norm(input, weight, bias, running_mean, running_var, training, eps, activation);
   const c10::cuda::CUDAGuard guard(input.device());
   const BnLayout l = bn_layout(input);
   const Walk w = make_walk(l);

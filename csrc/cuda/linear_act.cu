@@ -195,7 +195,9 @@ struct ForwardEpilogue {
       for (int v = 0; v < 8; ++v) {
         acc_t z = cs[r * LDC + cg + v];
         if (bias != nullptr && n + v < N) z += static_cast<acc_t>(bias[n + v]);
-        byte |= static_cast<uint8_t>(n + v < N && z > acc_t(0)) << v;
+        // ReLU's bit is also set for NaN (torch's backward passes its gradient there).
+        const bool on = A == Act::Relu ? !(z <= acc_t(0)) : z > acc_t(0);
+        byte |= static_cast<uint8_t>(n + v < N && on) << v;
         out[v] = static_cast<T>(math::activate<A>(z, slope));
       }
       T* dst = y + m * N + n;

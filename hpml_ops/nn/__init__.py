@@ -1,7 +1,7 @@
 """``nn.Module`` drop-ins: each subclasses torch's module and keeps its parameters, buffers and
 ``state_dict``."""
 
-from .batch_norm import BatchNorm1d, BatchNorm2d
+from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .bce_with_logits import BCEWithLogitsLoss
 from .linear_act import FusedLinear
 from .mlp import FusedMLP
@@ -11,6 +11,7 @@ __all__ = [
     "BCEWithLogitsLoss",
     "BatchNorm1d",
     "BatchNorm2d",
+    "BatchNorm3d",
     "FusedLinear",
     "FusedMLP",
     "SyncBatchNorm",

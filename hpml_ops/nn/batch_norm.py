@@ -1,8 +1,9 @@
-"""``BatchNorm1d`` / ``BatchNorm2d`` running on hpml_ops' kernels, optionally with a fused ReLU."""
+"""``BatchNorm1d`` / ``2d`` / ``3d`` on hpml_ops' kernels, optionally with a fused ReLU."""
 
 from __future__ import annotations
 
 import torch
+import torch.fx
 from torch import Tensor
 
 from ..constants import BN_ACTIVATIONS, activation_code
@@ -24,14 +25,19 @@ class _FusedBatchNormMixin:
         self.backend = check_backend(backend, type(self).__name__)
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
+        traced = isinstance(input, torch.fx.Proxy)
+        if not traced:  # (under torch.fx the rank is not known)
+            self._check_input_dim(input)
         # Exactly torch's bookkeeping: the average factor, num_batches_tracked, which statistics.
         if self.momentum is None:
             exponential_average_factor = 0.0
         else:
             exponential_average_factor = self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+            if traced:
+                _count_traced(self, input)
+            else:
+                self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 exponential_average_factor = 1.0 / float(self.num_batches_tracked)
             else:
@@ -57,6 +63,20 @@ class _FusedBatchNormMixin:
         return s + (f", backend={self.backend}" if self.backend is not None else "")
 
 
+def _count_traced(module, input: torch.fx.Proxy) -> None:
+    """Under torch.fx (which leaves torch's own batch norms as leaf modules, run at every call,
+    but traces ours): record ``num_batches_tracked += 1`` in the graph instead of doing it once
+    at trace time. ``momentum=None`` averages by that count, a value the trace cannot hold."""
+    if module.momentum is None:
+        raise RuntimeError(
+            f"{type(module).__name__} with momentum=None (a cumulative average) in training cannot "
+            "be traced by torch.fx: the factor 1 / num_batches_tracked changes every call"
+        )
+    path = input.tracer.path_of_module(module)
+    name = f"{path}.num_batches_tracked" if path else "num_batches_tracked"
+    input.tracer.create_proxy("get_attr", name, (), {}).add_(1)
+
+
 class BatchNorm1d(_FusedBatchNormMixin, torch.nn.BatchNorm1d):
     """Drop-in for ``torch.nn.BatchNorm1d`` (input ``(N, C)`` or ``(N, C, L)``): same constructor
     (plus ``activation=None`` or ``"relu"``, fused into the same kernel), same buffers
@@ -74,6 +94,18 @@ class BatchNorm2d(_FusedBatchNormMixin, torch.nn.BatchNorm2d):
     """Drop-in for ``torch.nn.BatchNorm2d`` (input ``(N, C, H, W)``, contiguous or channels last):
     same constructor (plus ``activation=None`` or ``"relu"``, and ``backend=None`` or a backend
     name for this module alone), same buffers and ``state_dict``."""
+
+    def __init__(
+        self, *args, activation: str | None = None, backend: str | None = None, **kwargs
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_activation(activation, backend)
+
+
+class BatchNorm3d(_FusedBatchNormMixin, torch.nn.BatchNorm3d):
+    """Drop-in for ``torch.nn.BatchNorm3d`` (input ``(N, C, D, H, W)``, contiguous or channels
+    last): same constructor (plus ``activation=None`` or ``"relu"``, and ``backend=None`` or a
+    backend name for this module alone), same buffers and ``state_dict``."""
 
     def __init__(
         self, *args, activation: str | None = None, backend: str | None = None, **kwargs

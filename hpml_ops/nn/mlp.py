@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_tracing
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ..constants import ACTIVATIONS
@@ -133,7 +134,8 @@ class FusedMLP(nn.Sequential):
 
     def forward(self, input: Tensor) -> Tensor:
         spec = self._layers()
-        if spec is None or _hooked(spec["modules"]):
+        if spec is None or _hooked(spec["modules"]) or is_fx_tracing():
+            # torch.fx traces the children (torch's own modules, leaves to it) one by one.
             return super().forward(input)
         bns = spec["present"]
         # One op for the whole net needs one mode and one eps for every batch norm, and (N, C)

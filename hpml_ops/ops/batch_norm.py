@@ -13,6 +13,7 @@ the statistics, the input and, for ReLU, the output.
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from ..constants import ACTIVATIONS, BN_ACTIVATIONS, acc_dtype, activation_code
 from . import _checks as check
@@ -34,7 +35,9 @@ def _check_input(op: str, input, activation: int) -> None:
     check.floating(op, input, "input")
 
 
-def check_args(input, weight, bias, running_mean, running_var, training, activation: int) -> None:
+def check_args(
+    input, weight, bias, running_mean, running_var, training, eps, activation: int
+) -> None:
     """The arguments batch norm accepts, for the public function, the op and its fake kernel;
     the C++ launchers check the same, in the same order and words (``csrc/batch_norm.h``)."""
     _check_input(_OP, input, activation)
@@ -47,6 +50,8 @@ def check_args(input, weight, bias, running_mean, running_var, training, activat
         check.per_channel(_OP, t, input.shape[1], input, name)
     if not training and (running_mean is None or running_var is None):
         raise RuntimeError("running_mean must be defined in evaluation mode")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
     if training:
         # torch's rule (F.batch_norm's _verify_batch_size): N times the spatial size, C aside.
         size_prods = input.shape[0]
@@ -57,6 +62,10 @@ def check_args(input, weight, bias, running_mean, running_var, training, activat
                 "Expected more than 1 value per channel when training, got input size "
                 f"{input.size()}"
             )
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:  # torch's rule in evaluation: 0 is allowed there
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def check_backward_args(op: str, grad, input, weight, output, activation, mean, invstd) -> None:
@@ -114,6 +123,11 @@ def batch_norm(
         The input's shape, dtype and memory format. Statistics are computed in fp32 (fp64 for
         fp64), from shifted sums that stay exact for data with a large offset.
     """
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(
+            batch_norm, (input, running_mean, running_var, weight, bias), input, running_mean,
+            running_var, weight, bias, training, momentum, eps, activation,
+        )  # fmt: skip
     return _batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps, activation, None
     )
@@ -123,10 +137,21 @@ def _batch_norm(
     input, running_mean, running_var, weight, bias, training, momentum, eps, activation, backend
 ) -> Tensor:
     """``batch_norm`` on ``backend`` (None: the process-wide choice); what the modules call."""
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(
+            _batch_norm, (input, running_mean, running_var, weight, bias), input, running_mean,
+            running_var, weight, bias, training, momentum, eps, activation, backend,
+        )  # fmt: skip
     args = (input, weight, bias, running_mean, running_var)
+    if type(momentum) is not float and not isinstance(momentum, int | float):
+        raise TypeError(  # torch's words (its binding's check), in every mode
+            "batch_norm(): argument 'momentum' (position 7) must be float, not "
+            f"{type(momentum).__name__}"
+        )
     # The C++ op at once when every operand is a tensor on the input's device (or None).
     if (
         isinstance(input, Tensor)
+        and input.dim() > 1
         and activation in (None, "none", "relu")
         and on_device(dev := input.device, weight, bias, running_mean, running_var)
         and OP.cpp_first(dev, backend)
@@ -135,7 +160,12 @@ def _batch_norm(
         out, mean, _, var = OP.cpp(*args, bool(training), float(eps), code)
     else:
         code = activation_code(activation, _OP, BN_ACTIVATIONS)
-        check_args(*args, training, code)
+        if isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0:
+            # torch's rule: a 1-D input has no channel dimension; an empty one comes back as it
+            # is (a copy), whatever the statistics, which stay untouched.
+            check.floating(_OP, input, "input")
+            return input.clone()
+        check_args(*args, training, eps, code)
         backend = OP.resolve(input.device, backend)
         if backend == "reference":
             return OP.reference(
@@ -160,7 +190,7 @@ SPEC = OpSpec("batch_norm", autocast=None)
 
 @SPEC.fake("batch_norm")
 def _fake_fwd(input, weight, bias, running_mean, running_var, training, eps, activation):
-    check_args(input, weight, bias, running_mean, running_var, training, activation)
+    check_args(input, weight, bias, running_mean, running_var, training, eps, activation)
     mean, invstd = _stats(input, 2)
     var = mean.new_empty((input.shape[1],) if training else (0,))
     return torch.empty_like(input), mean, invstd, var

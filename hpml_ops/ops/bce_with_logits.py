@@ -11,6 +11,7 @@ interpreter; a ``custom_op`` passes in both places, and the kernel is already fu
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from ..constants import REDUCTIONS
 from . import _checks as check
@@ -92,12 +93,22 @@ def binary_cross_entropy_with_logits(
         inputs) whatever the storage dtype; under autocast in fp32, as torch does. Gradients flow
         to ``input`` and ``target``.
     """
+    if has_torch_function_variadic(input, target, weight, pos_weight):
+        return handle_torch_function(
+            binary_cross_entropy_with_logits, (input, target, weight, pos_weight), input, target,
+            weight, reduction, pos_weight,
+        )  # fmt: skip
     return _bce_with_logits(input, target, weight, reduction, pos_weight, None)
 
 
 def _bce_with_logits(input, target, weight, reduction, pos_weight, backend: str | None) -> Tensor:
     """``binary_cross_entropy_with_logits`` on ``backend`` (None: the process-wide choice); what
     BCEWithLogitsLoss calls."""
+    if has_torch_function_variadic(input, target, weight, pos_weight):
+        return handle_torch_function(
+            _bce_with_logits, (input, target, weight, pos_weight), input, target, weight,
+            reduction, pos_weight, backend,
+        )  # fmt: skip
     # The C++ op at once for input and target of one dtype on one device, no weights and no
     # autocast (whose casts the full path makes).
     if (

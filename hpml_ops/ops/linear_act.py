@@ -10,6 +10,7 @@ output.
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from ..constants import ACT_USES_MASK, ACT_USES_OUTPUT, ACTIVATIONS, activation_code, mask_row_bytes
 from . import _checks as check
@@ -122,11 +123,20 @@ def linear_act(
         bias, each computed only when required. For ReLU and leaky ReLU the backward keeps 1 bit
         per output element instead of the pre-activation.
     """
+    if has_torch_function_variadic(input, weight, bias):  # as torch.nn.functional's
+        return handle_torch_function(
+            linear_act, (input, weight, bias), input, weight, bias, activation, negative_slope
+        )
     return _linear_act(input, weight, bias, activation, negative_slope, None)
 
 
 def _linear_act(input, weight, bias, activation, negative_slope, backend: str | None) -> Tensor:
     """``linear_act`` on ``backend`` (None: the process-wide choice); what FusedLinear calls."""
+    if has_torch_function_variadic(input, weight, bias):
+        return handle_torch_function(
+            _linear_act, (input, weight, bias), input, weight, bias, activation, negative_slope,
+            backend,
+        )  # fmt: skip
     # The C++ op at once for a 2-D input with its operands on one device and a bias that needs
     # no broadcast.
     if (
@@ -151,7 +161,8 @@ def _linear_act(input, weight, bias, activation, negative_slope, backend: str | 
         bias = bias.expand(n)  # a 0-d or one-element bias, which F.linear broadcasts
     if input.dim() == 2:  # no views: each adds ~5 us and a ViewBackward node per call
         return OP.forward[backend](input, weight, bias, code, float(negative_slope))[0]
-    out, _ = OP.forward[backend](input.reshape(-1, k), weight, bias, code, float(negative_slope))
+    rows = input.shape[:-1].numel()  # not reshape(-1, k): with k = 0 the -1 is ambiguous
+    out, _ = OP.forward[backend](input.reshape(rows, k), weight, bias, code, float(negative_slope))
     return out.reshape(*input.shape[:-1], n)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function
 
 from ..constants import ACT_USES_MASK, ACTIVATIONS, acc_dtype, activation_code, mask_row_bytes
 from . import _checks as check
@@ -60,11 +61,12 @@ def check_args(
     op: bool = True,
     batch_norm_mode: bool = True,
 ) -> None:
-    """The arguments ``mlp`` accepts, as hpml::mlp takes them (``eps`` and ``negative_slope``
-    unchecked, as torch leaves them); the C++ launchers check the same, in the same order and
-    words (``csrc/mlp.h``). ``op``: the ops' form (a 2-D input); else the public function's
-    (input ``(*, in_features)``). ``batch_norm_mode``: check the batch norms' statistics against
-    the mode (the forward's concern; the backward reads what the forward saved)."""
+    """The arguments ``mlp`` accepts, as hpml::mlp takes them (``eps`` as torch's batch norm
+    checks it, ``negative_slope`` unchecked, as torch leaves it); the C++ launchers check the
+    same, in the same order and words (``csrc/mlp.h``). ``op``: the ops' form (a 2-D input);
+    else the public function's (input ``(*, in_features)``). ``batch_norm_mode``: check the batch
+    norms' statistics and eps against the mode (the forward's concern; the backward reads what
+    the forward saved)."""
     for name, code in (("activation", activation), ("output_activation", output_activation)):
         if code not in ACTIVATIONS.values():
             raise RuntimeError(f"{_OP}: {name} {_ACT_MSG}, got {code}")
@@ -150,6 +152,12 @@ def check_args(
                         "Expected more than 1 value per channel when training, got input size "
                         f"{torch.Size([rows, n])}"
                     )
+                if training and eps <= 0.0:
+                    raise ValueError(
+                        f"batch_norm eps must be positive during training, but got {eps}"
+                    )
+                if eps < 0.0:
+                    raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
         fan_in = n
 
 
@@ -233,7 +241,13 @@ def mlp(
         ``(*, out_L)`` in the input's dtype. Gradients for the input, every weight and bias and
         batch-norm weight and bias, each only when required.
     """
-    return _mlp(**locals(), backend=None)
+    kwargs = locals()
+    tensors = [input, *weights]
+    for ts in (biases, bn_weights, bn_biases, running_means, running_vars):
+        tensors += [t for t in ts or () if t is not None]
+    if has_torch_function(tensors):  # as torch.nn.functional's
+        return handle_torch_function(mlp, tensors, **kwargs)
+    return _mlp(**kwargs, backend=None)
 
 
 def _mlp(

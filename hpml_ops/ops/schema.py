@@ -40,8 +40,9 @@ SCHEMAS: dict[str, dict[str, str]] = {
     "linear_act": {
         # act(input @ weight.T + bias) for a 2-D input (M, K), weight (N, K), bias (N) or None;
         # one dtype. Returns (output (M, N), mask): for relu and leaky_relu the mask holds bit
-        # (j % 8) of byte [m, j / 8] = (z[m, j] > 0), uint8 (M, ceil(N / 8)); for the others it
-        # is an empty uint8 tensor.
+        # (j % 8) of byte [m, j / 8] = (z[m, j] > 0) (for relu also set where z is NaN: torch's
+        # backward passes the gradient unless z <= 0), uint8 (M, ceil(N / 8)); for the others
+        # it is an empty uint8 tensor.
         "linear_act": (
             "(Tensor input, Tensor weight, Tensor? bias, int activation, float negative_slope) "
             "-> (Tensor, Tensor)"
@@ -81,7 +82,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
         # (fp64 for fp64 input), from the same shifted sums as batch_norm.
         "batch_norm_stats": "(Tensor input) -> (Tensor, Tensor)",
         # Per-channel (sum dz, sum dz (x - mean)) in fp32 (fp64 for fp64), dz = grad, or grad
-        # where the ReLU output is > 0 when activation == 1.
+        # where the ReLU output is not <= 0 (NaN passes, as torch's) when activation == 1.
         "batch_norm_backward_reduce": (
             "(Tensor grad, Tensor input, Tensor output, Tensor mean, int activation) "
             "-> (Tensor, Tensor)"
