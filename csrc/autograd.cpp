@@ -12,6 +12,8 @@
 // torch.compile traces through these: AOTAutograd runs the forward under autograd with fake
 // tensors, which records the forward op, and the backward through the saved node, which records
 // the backward op (tests: test_*_compile_fullgraph, opcheck's test_aot_dispatch_dynamic).
+#include <ATen/Functions.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
@@ -19,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -83,6 +86,36 @@ variable_list once_differentiable(variable_list grads, const variable_list& inpu
   return grads;
 }
 
+// Under create_graph=True, when a gradient will itself be differentiated (a Hessian, a gradient
+// penalty), the backward computes its gradients with differentiable ATen ops from the saved
+// tensors instead of our backward kernel, so that a second backward works as on torch's own ops.
+bool differentiable_backward(const variable_list& inputs) {
+  return at::GradMode::is_enabled() && torch::autograd::compute_requires_grad(inputs);
+}
+
+// The ReLU / leaky ReLU bit mask (uint8 (M, ceil(N / 8)), bit j % 8 of byte j / 8) as bool (M, N).
+at::Tensor unpack_mask(const at::Tensor& mask, int64_t n) {
+  const auto shifts = at::arange(8, mask.options());
+  return mask.unsqueeze(-1)
+      .bitwise_right_shift(shifts)
+      .bitwise_and(1)
+      .reshape({mask.size(0), -1})
+      .narrow(1, 0, n)
+      .to(at::kBool);
+}
+
+// dZ = dY * act'(Z) from what the forward saved (the mask, or the output y), differentiable.
+at::Tensor linear_act_dz(const at::Tensor& g, const at::Tensor& y, const at::Tensor& mask,
+                         Act act, double slope) {
+  switch (act) {
+    case Act::Relu: return g.masked_fill(unpack_mask(mask, g.size(1)).logical_not(), 0);
+    case Act::LeakyRelu: return at::where(unpack_mask(mask, g.size(1)), g, g * slope);
+    case Act::Sigmoid: return g * y * (1 - y);
+    case Act::Tanh: return g * (1 - y * y);
+    default: return g;
+  }
+}
+
 // ---- linear_act ---------------------------------------------------------------------------------
 
 using LinearActSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
@@ -118,17 +151,21 @@ class LinearActFn : public torch::autograd::Function<LinearActFn> {
     variable_list result(5);
     if (!grads[0].defined() || !(ig || wg || bg)) return result;  // no gradient: none
     const auto saved = ctx->get_saved_variables();
-    variable_list g;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      auto [gx, gw, gb] =
-          op.call(grads[0], saved[0], saved[1], saved[2], saved[3],
-                  ctx->saved_data["activation"].toInt(),
-                  ctx->saved_data["negative_slope"].toDouble(), ig, wg, bg);
-      g = {ig ? gx : at::Tensor(), wg ? gw : at::Tensor(), bg ? gb : at::Tensor()};
+    const auto act = static_cast<Act>(ctx->saved_data["activation"].toInt());
+    const double slope = ctx->saved_data["negative_slope"].toDouble();
+    if (differentiable_backward({grads[0], saved[0], saved[1], saved[2]})) {
+      const at::Tensor dz = linear_act_dz(grads[0], saved[2], saved[3], act, slope);
+      if (ig) result[0] = dz.matmul(saved[1]);
+      if (wg) result[1] = dz.t().matmul(saved[0]);
+      if (bg) result[2] = dz.sum(0);
+      return result;
     }
-    g = once_differentiable(std::move(g), {grads[0], saved[0], saved[1]}, HPML_OP("linear_act"));
-    std::copy(g.begin(), g.end(), result.begin());
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [gx, gw, gb] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3],
+                                static_cast<int64_t>(act), slope, ig, wg, bg);
+    if (ig) result[0] = gx;
+    if (wg) result[1] = gw;
+    if (bg) result[2] = gb;
     return result;
   }
 };
@@ -169,17 +206,25 @@ class BceWithLogitsFn : public torch::autograd::Function<BceWithLogitsFn> {
     variable_list result(5);
     if (!(gi || gt)) return result;
     const auto saved = ctx->get_saved_variables();
-    variable_list g;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      auto [grad_input, grad_target] =
-          op.call(grads[0], saved[0], saved[1], opt(saved[2]), opt(saved[3]),
-                  ctx->saved_data["reduction"].toInt(), gi, gt);
-      g = {gi ? grad_input : at::Tensor(), gt ? grad_target : at::Tensor()};
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    if (differentiable_backward({grads[0], saved[0], saved[1], saved[2], saved[3]})) {
+      // torch's own loss on the saved inputs, differentiated with a graph.
+      const at::Tensor loss = at::binary_cross_entropy_with_logits(
+          saved[0], saved[1], opt(saved[2]), opt(saved[3]), reduction);
+      variable_list wrt;
+      if (gi) wrt.push_back(saved[0]);
+      if (gt) wrt.push_back(saved[1]);
+      const auto g = torch::autograd::grad({loss}, wrt, {grads[0]}, /*retain_graph=*/true,
+                                           /*create_graph=*/true);
+      if (gi) result[0] = g[0];
+      if (gt) result[1] = g[gi ? 1 : 0];
+      return result;
     }
-    g = once_differentiable(std::move(g), {grads[0], saved[0], saved[1]},
-                            HPML_OP("bce_with_logits"));
-    std::copy(g.begin(), g.end(), result.begin());
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [grad_input, grad_target] = op.call(grads[0], saved[0], saved[1], opt(saved[2]),
+                                             opt(saved[3]), reduction, gi, gt);
+    if (gi) result[0] = grad_input;
+    if (gt) result[1] = grad_target;
     return result;
   }
 };
@@ -198,6 +243,34 @@ using BatchNormSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
 using BatchNormBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, bool, int64_t, bool, bool, bool);
+
+// Batch norm's gradients in differentiable ATen ops (differentiable_backward): the ReLU mask from
+// the output (torch's threshold_backward: zero where y <= 0), then in training torch's own
+// native_batch_norm_backward on the saved batch statistics (torch has its double backward); in
+// evaluation the affine map's, y = (x - mean) invstd w + b.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_grads(
+    const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& output, const at::Tensor& mean, const at::Tensor& invstd, bool training,
+    bool relu, std::array<bool, 3> need) {
+  const at::Tensor g = relu ? grad.masked_fill(output.le(0), 0) : grad;
+  if (training) {
+    auto [gx, gw, gb] = at::native_batch_norm_backward(
+        g, input, opt(weight), std::nullopt, std::nullopt, mean, invstd, true, 0.0, need);
+    return {need[0] ? gx : at::Tensor(), need[1] ? gw : at::Tensor(),
+            need[2] ? gb : at::Tensor()};
+  }
+  std::vector<int64_t> shape(input.dim(), 1), dims;
+  shape[1] = input.size(1);
+  for (int64_t d = 0; d < input.dim(); ++d)
+    if (d != 1) dims.push_back(d);
+  const at::Tensor m = mean.to(input.scalar_type()).view(shape);
+  const at::Tensor s = invstd.to(input.scalar_type()).view(shape);
+  at::Tensor gx, gw, gb;
+  if (need[0]) gx = weight.defined() ? g * (s * weight.view(shape)) : g * s;
+  if (need[1]) gw = (g * (input - m) * s).sum(dims);
+  if (need[2]) gb = g.sum(dims);
+  return {gx, gw, gb};
+}
 
 class BatchNormFn : public torch::autograd::Function<BatchNormFn> {
  public:
@@ -229,16 +302,21 @@ class BatchNormFn : public torch::autograd::Function<BatchNormFn> {
     const bool bg = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
     variable_list result(8);
     if (!grads[0].defined() || !(ig || wg || bg)) return result;  // no gradient: none
-    variable_list g;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      auto [gx, gw, gb] = op.call(grads[0], saved[0], opt(saved[1]), saved[2], saved[3],
-                                  saved[4], ctx->saved_data["training"].toBool(),
-                                  ctx->saved_data["activation"].toInt(), ig, wg, bg);
-      g = {ig ? gx : at::Tensor(), wg ? gw : at::Tensor(), bg ? gb : at::Tensor()};
+    const bool training = ctx->saved_data["training"].toBool();
+    const int64_t activation = ctx->saved_data["activation"].toInt();
+    if (differentiable_backward({grads[0], saved[0], saved[1], saved[2]})) {
+      const auto [gx, gw, gb] =
+          batch_norm_grads(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], training,
+                           activation == static_cast<int64_t>(Act::Relu), {ig, wg, bg});
+      result[0] = gx, result[1] = gw, result[2] = gb;
+      return result;
     }
-    g = once_differentiable(std::move(g), {grads[0], saved[0], saved[1]}, HPML_OP("batch_norm"));
-    std::copy(g.begin(), g.end(), result.begin());
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [gx, gw, gb] = op.call(grads[0], saved[0], opt(saved[1]), saved[2], saved[3], saved[4],
+                                training, activation, ig, wg, bg);
+    if (ig) result[0] = gx;
+    if (wg) result[1] = gw;
+    if (bg) result[2] = gb;
     return result;
   }
 };

@@ -9,6 +9,7 @@ from torch import nn
 
 from . import nn as hnn
 from ._backend import CHOICES, use_backend
+from .nn._absorbed import absorb
 from .nn.mlp import ACTIVATION_MODULES, flat_children, parse_layers
 
 # The activations a Linear can absorb, by exact type, and the name linear_act knows them by.
@@ -61,20 +62,27 @@ def convert(
       and gets the per-layer fusion below. ``report`` says which and why;
     - ``nn.Linear`` directly followed, in an ``nn.Sequential``, by ``nn.ReLU``, ``nn.LeakyReLU``
       (its ``negative_slope`` kept), ``nn.Sigmoid`` or ``nn.Tanh``: one ``hpml_ops.nn.FusedLinear``
-      with that activation, and the activation's slot becomes ``nn.Identity()``, so that the
-      Sequential's indices, and therefore the ``state_dict`` keys, stay the same;
+      with that activation; the activation's slot keeps the activation as an ``AbsorbedReLU`` /
+      ``AbsorbedLeakyReLU`` / ``AbsorbedSigmoid`` / ``AbsorbedTanh`` (a subclass of its class),
+      which passes the fused module's own output through and applies the activation to anything else
+      (a torch helper that rebuilt the fused module from its class, a hook's replacement output):
+      never lost, never applied twice (``hpml_ops/nn/_absorbed.py``). The Sequential's indices,
+      and therefore the ``state_dict`` keys, stay the same. A forward hook on the fused module
+      sees the pre-activation output, as on torch's (the slot then applies the activation);
     - any other ``nn.Linear``: ``FusedLinear(activation="none")``;
     - ``nn.BatchNorm1d`` / ``2d`` / ``3d``: ``hpml_ops.nn.BatchNorm1d`` / ``2d`` / ``3d``, with
-      ``activation="relu"`` (and the ReLU's slot ``nn.Identity()``) when an ``nn.ReLU`` follows it
-      in an ``nn.Sequential``;
+      ``activation="relu"`` (and the ReLU's slot an ``AbsorbedReLU``, as above) when an
+      ``nn.ReLU`` follows it in an ``nn.Sequential``;
     - ``nn.BCEWithLogitsLoss``: ``hpml_ops.nn.BCEWithLogitsLoss``.
 
     The new modules take over the old ones' parameter and buffer *objects* (an optimizer built
     before the conversion keeps working; ``requires_grad``, device, dtype and values unchanged), the
     non-persistent-buffer set, the train/eval flag and any other instance attribute, so the
     ``state_dict`` has the same keys and values: a checkpoint of the original loads into the
-    converted model, and back. Fusion only looks at neighbours within one ``nn.Sequential`` (exact
-    type; its forward is known to run its children in order).
+    converted model, and back. Fusion only looks at neighbours within one ``nn.Sequential`` (or a
+    subclass that keeps ``nn.Sequential.forward``, such as torchvision's ``MLP`` and
+    ``Conv2dNormActivation``: their forward is known to run the children in order; they keep their
+    class and attributes).
 
     Not converted: a module with hooks registered on it (forward, backward or state-dict hooks
     would see a different module, or, fused, a different output), and no activation with hooks is
@@ -182,6 +190,13 @@ def _count_uses(model: nn.Module) -> dict[int, int]:
     return uses
 
 
+def _runs_in_order(m: nn.Module) -> bool:
+    """An ``nn.Sequential``, or a subclass that keeps its forward (torchvision's ``MLP``,
+    ``Conv2dNormActivation``): it runs its children in order, so neighbours can be fused (the
+    module keeps its class and attributes; only exact ``nn.Sequential`` become ``FusedMLP``)."""
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
 def _has_hooks(m: nn.Module) -> bool:
     return any(getattr(m, name, None) for name in _HOOK_DICTS)
 
@@ -190,7 +205,7 @@ def _walk(module: nn.Module, path: str, ctx: _Ctx, seen: set[int]) -> None:
     if id(module) in seen:
         return
     seen.add(id(module))
-    if type(module) is nn.Sequential:
+    if _runs_in_order(module):
         _fuse_sequential(module, ctx.backend, ctx.uses, ctx.memo)
     for name, child in list(module._modules.items()):
         if child is None:
@@ -224,9 +239,9 @@ def _fuse_sequential(seq: nn.Sequential, backend, uses, memo) -> None:
             i += 1
             continue
         seq._modules[names[i]] = new
-        identity = nn.Identity()
-        identity.train(act.training)
-        seq._modules[names[i + 1]] = identity
+        # The activation's slot keeps an activation module that passes the fused module's own
+        # output through and applies itself to anything else (hpml_ops/nn/_absorbed.py).
+        seq._modules[names[i + 1]] = absorb(new, act)
         i += 2
 
 

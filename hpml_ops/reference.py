@@ -134,3 +134,63 @@ def mlp(
         h = _activate(h, activation, negative_slope)
     y = F.linear(h, _up(weights[-1], upcast), _up(biases[-1], upcast))
     return _activate(y, output_activation, negative_slope)
+
+
+# ---- differentiable backward formulas ----------------------------------------------------------
+# Used by the ops' backward under create_graph=True when the gradients will be differentiated
+# again (a Hessian, a gradient penalty): torch's ops on what the forward saved, so a second
+# backward works as on torch's own ops. The same formulas as csrc/autograd.cpp's, for the ops whose
+# autograd is registered in Python (the Triton backend).
+
+
+def wants_graph(*tensors: Tensor | None) -> bool:
+    """Whether a backward must build a graph: create_graph=True and something requires grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def unpack_mask(mask: Tensor, n: int) -> Tensor:
+    """linear_act's bit mask (uint8 (M, ceil(N / 8)), bit j % 8 of byte j // 8) as bool (M, N)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    return ((mask.unsqueeze(-1) >> shifts) & 1).reshape(mask.shape[0], -1)[:, :n].bool()
+
+
+def linear_act_grads(grad, input, weight, out, mask, activation: int, slope: float, need):
+    """(grad input, grad weight, grad bias) of ``act(input @ weight.T + b)`` (2-D input), each
+    None unless asked, from the mask (ReLU, leaky ReLU) or the output (sigmoid, tanh)."""
+    from .constants import ACTIVATIONS
+
+    if activation == ACTIVATIONS["relu"]:
+        dz = grad.masked_fill(~unpack_mask(mask, grad.shape[1]), 0)
+    elif activation == ACTIVATIONS["leaky_relu"]:
+        dz = torch.where(unpack_mask(mask, grad.shape[1]), grad, grad * slope)
+    elif activation == ACTIVATIONS["sigmoid"]:
+        dz = grad * out * (1 - out)
+    elif activation == ACTIVATIONS["tanh"]:
+        dz = grad * (1 - out * out)
+    else:
+        dz = grad
+    return (
+        dz @ weight if need[0] else None,
+        dz.t() @ input if need[1] else None,
+        dz.sum(0) if need[2] else None,
+    )
+
+
+def batch_norm_grads(grad, input, weight, out, mean, invstd, training: bool, relu: bool, need):
+    """(grad input, grad weight, grad bias) of batch norm (then ReLU), each None unless asked:
+    in training torch's native_batch_norm_backward on the saved statistics, in evaluation the
+    affine map's."""
+    g = grad.masked_fill(out <= 0, 0) if relu else grad
+    if training:
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            g, input, weight, None, None, mean, invstd, True, 0.0, list(need)
+        )
+        return tuple(t if n else None for t, n in zip((gx, gw, gb), need, strict=True))
+    shape = [1] * input.dim()
+    shape[1] = input.shape[1]
+    dims = [d for d in range(input.dim()) if d != 1]
+    m, s = mean.to(input.dtype).view(shape), invstd.to(input.dtype).view(shape)
+    gx = (g * s * weight.view(shape) if weight is not None else g * s) if need[0] else None
+    gw = (g * (input - m) * s).sum(dims) if need[1] else None
+    gb = g.sum(dims) if need[2] else None
+    return gx, gw, gb

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import hpml_ops
+from hpml_ops.nn._absorbed import AbsorbedTanh
 from tests.helpers import DEVICE, TOL, backend_params
 
 FP32_ATOL, FP32_RTOL = TOL[torch.float32]
@@ -140,7 +141,8 @@ def test_mlp_matches_original(backend, fuse_mlp):
             "Tanh": 1,
             "Sigmoid": 1,
             "FusedLinear[none]": 1,
-            "Identity": 2,
+            "AbsorbedReLU": 1,
+            "AbsorbedLeakyReLU": 1,
         }
         assert report[0].startswith("(model): left to the per-layer ops: Linear, ReLU, Linear,")
         assert report[1:] == ["4: Linear, Tanh, Linear, Sigmoid -> FusedMLP"]
@@ -153,7 +155,10 @@ def test_mlp_matches_original(backend, fuse_mlp):
             "FusedLinear[tanh]": 1,
             "FusedLinear[sigmoid]": 1,
             "FusedLinear[none]": 1,
-            "Identity": 4,
+            "AbsorbedReLU": 1,
+            "AbsorbedLeakyReLU": 1,
+            "AbsorbedTanh": 1,
+            "AbsorbedSigmoid": 1,
         }
     assert converted[2].negative_slope == 0.2
     x = torch.randn(17, 12, device=DEVICE)
@@ -171,13 +176,13 @@ def test_convnet_matches_original(backend, fuse_mlp):
     common = {"Conv2d": 2, "hpml.BatchNorm2d[relu]": 2, "Flatten": 1}
     if fuse_mlp:  # the head (Linear, ReLU, Linear, BatchNorm1d, ReLU, Linear) as one op
         assert _count(converted) == dict(
-            common, Sequential=1, FusedMLP=1, Linear=3, ReLU=2, BatchNorm1d=1, Identity=2
+            common, Sequential=1, FusedMLP=1, Linear=3, ReLU=2, BatchNorm1d=1, AbsorbedReLU=2
         )
     else:
         assert _count(converted) == dict(
             common,
             Sequential=2,
-            Identity=4,
+            AbsorbedReLU=4,
             **{"FusedLinear[relu]": 1, "FusedLinear[none]": 2, "hpml.BatchNorm1d[relu]": 1},
         )
     x = torch.randn(5, 3, 6, 6, device=DEVICE)
@@ -286,7 +291,7 @@ def test_outside_sequential_and_left_alone():
     assert type(model.proj) is hpml_ops.nn.FusedLinear and model.proj.activation == "none"
     assert type(model.blocks[0]) is hpml_ops.nn.FusedLinear
     assert model.blocks[0].activation == "none" and type(model.blocks[1]) is nn.ReLU
-    assert model.head[0].activation == "tanh" and type(model.head[1]) is nn.Identity
+    assert model.head[0].activation == "tanh" and type(model.head[1]) is AbsorbedTanh
     assert extra[0] is ours and extra[1] is sub and type(extra[2]) is nn.ReLU
     assert extra[3] is hooked and type(extra[4]) is nn.ReLU
     assert type(extra[5]) is hpml_ops.nn.FusedLinear and extra[5].activation == "none"
@@ -354,9 +359,11 @@ def test_backend_attribute_honoured():
         assert _hpml_ops_run(loss, y, torch.rand_like(y)) == set()
 
 
-def test_compile_converted_fullgraph():
+@pytest.mark.parametrize("fuse_mlp", [True, False], ids=["fused-mlp", "pairs"])
+def test_compile_converted_fullgraph(fuse_mlp):
     """A model converted with a pinned backend compiles with no graph break (the use_backend
-    block inside each forward traces) and trains as in eager."""
+    block inside each forward traces; with fuse_mlp=False the fused pairs' hand-over to their
+    activation slots too) and trains as in eager."""
     if hpml_ops._backend.unavailable_reason("cpp", torch.device(DEVICE).type, "batch_norm"):
         pytest.skip("needs the cpp backend's linear_act and batch_norm on this device")
     torch._dynamo.reset()
@@ -364,6 +371,7 @@ def test_compile_converted_fullgraph():
     eager = hpml_ops.convert(
         nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1), nn.Tanh()),
         backend="cpp",
+        fuse_mlp=fuse_mlp,
     ).to(DEVICE)
     comp = copy.deepcopy(eager)
     x = torch.randn(16, 6, device=DEVICE)
@@ -503,3 +511,133 @@ def test_non_reentrant_checkpoint():
     atol, rtol = TOL[torch.float64]
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(b, a, atol=atol, rtol=rtol)
+
+
+def _pairs_model():
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64, 8),
+        nn.Sigmoid(),
+        nn.Linear(8, 6),
+        nn.BatchNorm1d(6),
+        nn.ReLU(),
+        nn.Linear(6, 2),
+        nn.Tanh(),
+    )
+
+
+@pytest.mark.parametrize("backend", backend_params(op="batch_norm"))
+def test_fused_activation_survives_torch_helpers(backend):
+    """A torch helper that rebuilds a fused module from its class (convert_sync_batchnorm,
+    fuse_conv_bn_eval) or a hook that returns another tensor neither loses nor doubles the fused
+    activation: its slot applies it to anything but the fused module's own output."""
+    torch.manual_seed(7)
+    model = _pairs_model().to(DEVICE).eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(5, 3, 6, 6, device=DEVICE)
+    want = model(x)
+    ours = hpml_ops.convert(copy.deepcopy(model), backend=backend, fuse_mlp=False)
+    assert type(ours[2]).__name__ == "AbsorbedReLU" and isinstance(ours[2], nn.ReLU)
+    torch.testing.assert_close(ours(x), want)
+    # torch's SyncBatchNorm rebuilds both batch norms without our ReLU (eval: no process group).
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ours))
+    assert type(synced[1]) is nn.SyncBatchNorm and type(synced[7]) is nn.SyncBatchNorm
+    torch.testing.assert_close(synced(x), want)
+    # ours keeps the ReLU in the batch norm, and its slot passes the output through
+    ours_synced = hpml_ops.nn.convert_sync_batchnorm(copy.deepcopy(ours))
+    assert ours_synced[1].activation == "relu"
+    torch.testing.assert_close(ours_synced(x), want)
+    # conv + batch norm folded by hand, as torch's helper is used
+    folded = copy.deepcopy(ours)
+    folded[0] = torch.nn.utils.fusion.fuse_conv_bn_eval(folded[0], folded[1])
+    folded[1] = nn.Identity()
+    torch.testing.assert_close(folded(x), want, atol=1e-5, rtol=1e-4)
+    # a hook that returns another tensor: it flows into the activation, as in torch's model
+    for m in (model, ours):
+        m[4].register_forward_hook(lambda mod, i, o: o * 2.0)
+    torch.testing.assert_close(ours(x), model(x))
+
+
+@pytest.mark.parametrize("backend", backend_params(op="linear_act"))
+def test_forward_hook_sees_the_pre_activation_output(backend):
+    """A forward hook added after convert on a fused Linear sees what it sees on torch's Linear
+    (the product, before the activation); the model's output and gradients stay torch's."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.ReLU()).to(DEVICE)
+    ours = hpml_ops.convert(copy.deepcopy(model), backend=backend, fuse_mlp=False)
+    seen = {}
+    for name, m in (("torch", model), ("ours", ours)):
+        m[0].register_forward_hook(lambda mod, i, o, name=name: seen.__setitem__(name, o.detach()))
+    x = torch.randn(6, 4, device=DEVICE)
+    want, got = model(x), ours(x)
+    torch.testing.assert_close(seen["ours"], seen["torch"])
+    assert seen["ours"].min() < 0 or seen["ours"].abs().max() > 1  # not tanh's output
+    torch.testing.assert_close(got, want)
+    want.square().sum().backward()
+    got.square().sum().backward()
+    for (n, p), q in zip(model.named_parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, msg=n)
+
+
+def test_fused_pairs_pickle_and_copy():
+    """The hand-over between a fused module and its slot is not state: the state_dict is torch's,
+    a pickled or copied model still fuses (one kernel applies the activation) and is right."""
+    import io
+
+    torch.manual_seed(9)
+    model = _pairs_model().eval()
+    ours = hpml_ops.convert(copy.deepcopy(model), fuse_mlp=False)
+    assert list(ours.state_dict()) == list(model.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    ours(x)
+    buf = io.BytesIO()
+    torch.save(ours, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for m in (loaded, copy.deepcopy(ours)):
+        assert m[4].__dict__["_hpml_absorbed"] is m[5]
+        torch.testing.assert_close(m(x), model(x))
+        assert "_fused_out" not in m[5].__dict__  # popped by the slot
+
+
+class _SequentialSubclass(nn.Sequential):
+    """As torchvision's ops.MLP / Conv2dNormActivation: an nn.Sequential subclass that builds its
+    layers and keeps nn.Sequential's forward, with an attribute of its own."""
+
+    def __init__(self, widths):
+        layers = []
+        for a, b in zip(widths[:-2], widths[1:-1], strict=True):
+            layers += [nn.Linear(a, b), nn.ReLU(inplace=True)]
+        super().__init__(*layers, nn.Linear(widths[-2], widths[-1]))
+        self.widths = tuple(widths)
+
+
+class _OwnForward(nn.Sequential):
+    def forward(self, x):  # not in order: the ReLU's slot must not be fused with the Linear
+        return self[1](x) + self[0](x)
+
+
+@pytest.mark.parametrize("backend", backend_params(op="linear_act"))
+def test_fuses_inside_sequential_subclasses(backend):
+    torch.manual_seed(11)
+    model = nn.Sequential(
+        _SequentialSubclass([5, 7, 6, 2]), _OwnForward(nn.Linear(2, 2), nn.ReLU())
+    )
+    model = model.to(DEVICE)
+    original = copy.deepcopy(model)
+    ours = hpml_ops.convert(copy.deepcopy(model), backend=backend)
+    sub = ours[0]
+    assert type(sub) is _SequentialSubclass and sub.widths == (5, 7, 6, 2)
+    assert type(sub[0]) is hpml_ops.nn.FusedLinear and sub[0].activation == "relu"
+    assert type(sub[1]).__name__ == "AbsorbedReLU" and sub[1].inplace
+    assert type(ours[1][0]) is hpml_ops.nn.FusedLinear and ours[1][0].activation == "none"
+    assert type(ours[1][1]) is nn.ReLU
+    assert list(ours.state_dict()) == list(original.state_dict())
+    x = torch.randn(9, 5, device=DEVICE)
+    torch.testing.assert_close(ours(x), original(x))

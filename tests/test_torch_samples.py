@@ -324,3 +324,27 @@ def test_module_error_samples(backend, info):
         else:
             got = ours(*fwd.args, **fwd.kwargs)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1.3e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params(op="linear_act"))
+def test_linear_bias_broadcast_as_torch(backend):
+    """A bias of shape (1, N) (or any shape F.linear broadcasts over the output) works as in
+    torch, output shape and bias gradient included; a bias that does not fit still raises."""
+    torch.manual_seed(3)
+    w = torch.randn(4, 3, device=DEVICE)
+    for shape, bshape in (
+        ((5, 3), (1, 4)),
+        ((3,), (1, 4)),
+        ((2, 5, 3), (5, 4)),
+    ):
+        x = torch.randn(shape, device=DEVICE)
+        b = torch.randn(bshape, device=DEVICE)
+        with hpml_ops.use_backend(backend):
+            check_against_oracle(
+                lambda x, w, b: hpml_ops.linear_act(x, w, b, "sigmoid"),
+                lambda x, w, b: torch.sigmoid(F.linear(x, w, b)),
+                [x, w, b],
+                [True, True, True],
+            )
+    with hpml_ops.use_backend(backend), pytest.raises(RuntimeError, match="bias"):
+        hpml_ops.linear_act(torch.randn(5, 3, device=DEVICE), w, torch.randn(1, 3, device=DEVICE))

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..constants import BN_ACTIVATIONS, activation_code
 from ..ops.batch_norm import _batch_norm
+from ._absorbed import hooked
 from ._common import check_backend
 
 
@@ -44,7 +45,11 @@ class _FusedBatchNormMixin:
                 exponential_average_factor = self.momentum
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
-        return _batch_norm(
+        # The ReLU's slot after convert's fusion (hpml_ops/nn/_absorbed.py): told what this call
+        # applied; with a forward hook the hook sees the normalised output, the slot the ReLU.
+        slot = self.__dict__.get("_hpml_absorbed")
+        activation = None if slot is not None and hooked(self) else self.activation
+        out = _batch_norm(
             input,
             self.running_mean if use_running else None,
             self.running_var if use_running else None,
@@ -53,9 +58,12 @@ class _FusedBatchNormMixin:
             bn_training,
             exponential_average_factor,
             self.eps,
-            self.activation,
+            activation,
             self.backend,
         )
+        if slot is not None and activation is not None:
+            slot.__dict__["_fused_out"] = out
+        return out
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ..constants import activation_code
 from ..ops.linear_act import _linear_act
+from ._absorbed import hooked
 from ._common import check_backend
 
 
@@ -43,9 +44,18 @@ class FusedLinear(torch.nn.Linear):
         self.backend = check_backend(backend, "FusedLinear")
 
     def forward(self, input: Tensor) -> Tensor:
-        return _linear_act(
+        slot = self.__dict__.get("_hpml_absorbed")  # the activation's slot after convert's fusion
+        if slot is None:
+            return _linear_act(
+                input, self.weight, self.bias, self.activation, self.negative_slope, self.backend
+            )
+        if hooked(self):  # the hook sees the product; the slot applies the activation
+            return _linear_act(input, self.weight, self.bias, "none", 0.01, self.backend)
+        out = _linear_act(
             input, self.weight, self.bias, self.activation, self.negative_slope, self.backend
         )
+        slot.__dict__["_fused_out"] = out  # (hpml_ops/nn/_absorbed.py)
+        return out
 
     def extra_repr(self) -> str:
         s = f"{super().extra_repr()}, activation={self.activation}"

@@ -213,7 +213,7 @@ class SyncBatchNorm(_FusedBatchNormMixin, _BatchNorm):
                 "hpml_ops.nn.SyncBatchNorm runs on the cpp or triton backend; neither can run "
                 f"on {input.device.type} tensors here (backend_status() says why)"
             )
-        return _SyncBatchNormFunction.apply(
+        out = _SyncBatchNormFunction.apply(
             input,
             self.weight,
             self.bias,
@@ -226,6 +226,10 @@ class SyncBatchNorm(_FusedBatchNormMixin, _BatchNorm):
             world_size,
             backend,
         )
+        slot = self.__dict__.get("_hpml_absorbed")  # convert's ReLU slot (nn/_absorbed.py)
+        if slot is not None and self.activation is not None:
+            slot.__dict__["_fused_out"] = out
+        return out
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None):
@@ -255,6 +259,8 @@ class SyncBatchNorm(_FusedBatchNormMixin, _BatchNorm):
             module_output.training = module.training
             if hasattr(module, "qconfig"):
                 module_output.qconfig = module.qconfig
+            if "_hpml_absorbed" in module.__dict__:  # convert's ReLU slot follows it
+                module_output.__dict__["_hpml_absorbed"] = module.__dict__["_hpml_absorbed"]
         for name, child in module.named_children():
             module_output.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         del module

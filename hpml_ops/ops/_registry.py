@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from .. import _backend, reference
 from .schema import SCHEMAS
@@ -138,6 +139,9 @@ class Op:
             "cpp" in self.forward
             and not torch.compiler.is_compiling()
             and resolves_to_cpp(device, self.spec.name, backend)
+            # transforms_active(), inlined (this runs on every call)
+            and not _functorch_active()
+            and forward_ad._current_level < 0
         )
 
     def pair(self, backend: str) -> tuple[torch._ops.OpOverload, torch._ops.OpOverload]:
@@ -298,7 +302,11 @@ def _library(ns: str):
 def resolves_to_cpp(device: torch.device, op: str, choice: str | None) -> bool:
     """Whether ``op`` on ``device`` runs on the cpp backend under ``choice`` (an unusable choice
     answers False: the public function's full path raises that error, after its argument
-    checks)."""
+    checks). Reads ``_backend.resolve``'s memo first (this runs on every call; the caller has
+    already ruled out torch.compile, under which the memo is not used)."""
+    backend = _backend._resolved.get((choice or _backend._choice[0], device, op))
+    if backend is not None:
+        return backend == "cpp"
     try:
         return _backend.resolve(device, op, choice) == "cpp"
     except _backend.BackendUnavailableError:
@@ -322,6 +330,17 @@ def on_device(device: torch.device, *tensors) -> bool:
 
 
 # ---- dtype rules at the public-function boundary ----------------------------------------------
+
+
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def transforms_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, jacfwd, jvp, hessian,
+    functional_call under them) or forward-mode AD (``forward_ad.dual_level``) is on. The ops
+    then run as torch's own (the reference backend): our kernels have no batching or forward-mode
+    rules yet, and their C++ autograd formulas cannot run under functorch."""
+    return _functorch_active() or forward_ad._current_level >= 0
 
 
 def autocast_on(device_type: str) -> bool:

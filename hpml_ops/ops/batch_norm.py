@@ -15,9 +15,10 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
+from .. import reference
 from ..constants import ACTIVATIONS, BN_ACTIVATIONS, acc_dtype, activation_code
 from . import _checks as check
-from ._registry import OpSpec, on_device, register
+from ._registry import OpSpec, on_device, register, transforms_active
 
 _OP = "batch_norm"
 _RELU = ACTIVATIONS["relu"]
@@ -128,7 +129,7 @@ def batch_norm(
             batch_norm, (input, running_mean, running_var, weight, bias), input, running_mean,
             running_var, weight, bias, training, momentum, eps, activation,
         )  # fmt: skip
-    return _batch_norm(
+    return _run(
         input, running_mean, running_var, weight, bias, training, momentum, eps, activation, None
     )
 
@@ -142,6 +143,15 @@ def _batch_norm(
             _batch_norm, (input, running_mean, running_var, weight, bias), input, running_mean,
             running_var, weight, bias, training, momentum, eps, activation, backend,
         )  # fmt: skip
+    return _run(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, activation, backend
+    )
+
+
+def _run(
+    input, running_mean, running_var, weight, bias, training, momentum, eps, activation, backend
+) -> Tensor:
+    """The work of ``batch_norm`` / ``_batch_norm`` (``__torch_function__`` asked already)."""
     args = (input, weight, bias, running_mean, running_var)
     if type(momentum) is not float and not isinstance(momentum, int | float):
         raise TypeError(  # torch's words (its binding's check), in every mode
@@ -167,7 +177,7 @@ def _batch_norm(
             return input.clone()
         check_args(*args, training, eps, code)
         backend = OP.resolve(input.device, backend)
-        if backend == "reference":
+        if backend == "reference" or transforms_active():
             return OP.reference(
                 input, running_mean, running_var, weight, bias, training, momentum, eps, activation
             )
@@ -253,6 +263,12 @@ def _backward(ctx, grad, grad_mean, grad_invstd, grad_var, *, bwd_op):
     bg = ctx.has_bias and ctx.needs_input_grad[2]
     if not (ig or wg or bg):
         return (None,) * 8
+    if reference.wants_graph(grad, input, weight, saved_out):  # (a second backward to come)
+        grads = reference.batch_norm_grads(
+            grad, input, weight, saved_out, mean, invstd, ctx.training, ctx.activation == _RELU,
+            (ig, wg, bg),
+        )  # fmt: skip
+        return grads + (None,) * 5
     gx, gw, gb = bwd_op(
         grad, input, weight, saved_out, mean, invstd, ctx.training, ctx.activation, ig, wg, bg
     )

@@ -10,12 +10,14 @@ interpreter; a ``custom_op`` passes in both places, and the kernel is already fu
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
+from .. import reference
 from ..constants import REDUCTIONS
 from . import _checks as check
-from ._registry import OpSpec, autocast_enabled, autocast_to, promote, register
+from ._registry import OpSpec, autocast_enabled, autocast_to, promote, register, transforms_active
 
 _OP = "binary_cross_entropy_with_logits"
 
@@ -98,7 +100,7 @@ def binary_cross_entropy_with_logits(
             binary_cross_entropy_with_logits, (input, target, weight, pos_weight), input, target,
             weight, reduction, pos_weight,
         )  # fmt: skip
-    return _bce_with_logits(input, target, weight, reduction, pos_weight, None)
+    return _run(input, target, weight, reduction, pos_weight, None)
 
 
 def _bce_with_logits(input, target, weight, reduction, pos_weight, backend: str | None) -> Tensor:
@@ -109,6 +111,12 @@ def _bce_with_logits(input, target, weight, reduction, pos_weight, backend: str 
             _bce_with_logits, (input, target, weight, pos_weight), input, target, weight,
             reduction, pos_weight, backend,
         )  # fmt: skip
+    return _run(input, target, weight, reduction, pos_weight, backend)
+
+
+def _run(input, target, weight, reduction, pos_weight, backend: str | None) -> Tensor:
+    """The work of ``binary_cross_entropy_with_logits`` / ``_bce_with_logits``
+    (``__torch_function__`` asked already)."""
     # The C++ op at once for input and target of one dtype on one device, no weights and no
     # autocast (whose casts the full path makes).
     if (
@@ -136,7 +144,7 @@ def _bce_with_logits(input, target, weight, reduction, pos_weight, backend: str 
                 f"'{name}'. This input cannot have requires_grad True."
             )
     backend = OP.resolve(input.device, backend)
-    if backend == "reference":
+    if backend == "reference" or transforms_active():
         return OP.reference(input, target, weight, reduction, pos_weight)
     input, target, weight, pos_weight = autocast_to(
         torch.float32, input.device.type, input, target, weight, pos_weight
@@ -175,12 +183,33 @@ def _setup_context(ctx, inputs, output):
     ctx.reduction = reduction
 
 
+_REDUCTION_NAMES = {code: name for name, code in REDUCTIONS.items()}
+
+
 @SPEC.backward
 def _backward(ctx, grad, *, bwd_op):
     input, target, weight, pos_weight = ctx.saved_tensors
     need_input, need_target = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_input or need_target):
         return None, None, None, None, None
+    if reference.wants_graph(grad, input, target, weight, pos_weight):  # (a second backward)
+        with torch.enable_grad():  # torch's loss on the saved inputs, differentiated with a graph
+            loss = F.binary_cross_entropy_with_logits(
+                input,
+                target,
+                weight,
+                pos_weight=pos_weight,
+                reduction=_REDUCTION_NAMES[ctx.reduction],
+            )
+        wrt = [t for t, n in ((input, need_input), (target, need_target)) if n]
+        got = list(torch.autograd.grad(loss, wrt, grad, create_graph=True))
+        return (
+            got.pop(0) if need_input else None,
+            got.pop(0) if need_target else None,
+            None,
+            None,
+            None,
+        )
     grad_input, grad_target = bwd_op(
         grad, input, target, weight, pos_weight, ctx.reduction, need_input, need_target
     )

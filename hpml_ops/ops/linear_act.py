@@ -12,9 +12,10 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
+from .. import reference
 from ..constants import ACT_USES_MASK, ACT_USES_OUTPUT, ACTIVATIONS, activation_code, mask_row_bytes
 from . import _checks as check
-from ._registry import AUTOCAST_LOWER, OpSpec, autocast_on, on_device, register
+from ._registry import AUTOCAST_LOWER, OpSpec, autocast_on, on_device, register, transforms_active
 
 _OP = "linear_act"
 
@@ -127,7 +128,7 @@ def linear_act(
         return handle_torch_function(
             linear_act, (input, weight, bias), input, weight, bias, activation, negative_slope
         )
-    return _linear_act(input, weight, bias, activation, negative_slope, None)
+    return _run(input, weight, bias, activation, negative_slope, None)
 
 
 def _linear_act(input, weight, bias, activation, negative_slope, backend: str | None) -> Tensor:
@@ -137,6 +138,11 @@ def _linear_act(input, weight, bias, activation, negative_slope, backend: str | 
             _linear_act, (input, weight, bias), input, weight, bias, activation, negative_slope,
             backend,
         )  # fmt: skip
+    return _run(input, weight, bias, activation, negative_slope, backend)
+
+
+def _run(input, weight, bias, activation, negative_slope, backend: str | None) -> Tensor:
+    """The work of ``linear_act`` / ``_linear_act`` (``__torch_function__`` asked already)."""
     # The C++ op at once for a 2-D input with its operands on one device and a bias that needs
     # no broadcast.
     if (
@@ -152,9 +158,13 @@ def _linear_act(input, weight, bias, activation, negative_slope, backend: str | 
     ):
         return OP.cpp(input, weight, bias, ACTIVATIONS[activation], float(negative_slope))[0]
     code = activation_code(activation, _OP)
+    if _broadcast_bias(input, weight, bias):
+        # A bias F.linear broadcasts over the whole output (e.g. (1, N)): no per-column vector
+        # to fuse; torch's linear runs it, with its semantics (output shape included).
+        return OP.reference(input, weight, bias, activation, negative_slope)
     check_args(input, weight, bias, code, negative_slope, op=False)
     backend = OP.resolve(input.device, backend)
-    if backend == "reference":
+    if backend == "reference" or transforms_active():
         return OP.reference(input, weight, bias, activation, negative_slope)
     n, k = weight.shape
     if bias is not None and bias.shape != (n,):
@@ -164,6 +174,20 @@ def _linear_act(input, weight, bias, activation, negative_slope, backend: str | 
     rows = input.shape[:-1].numel()  # not reshape(-1, k): with k = 0 the -1 is ambiguous
     out, _ = OP.forward[backend](input.reshape(rows, k), weight, bias, code, float(negative_slope))
     return out.reshape(*input.shape[:-1], n)
+
+
+def _broadcast_bias(input, weight, bias) -> bool:
+    """A bias of more than one dimension that F.linear takes: it broadcasts against the output
+    ``(*input.shape[:-1], out_features)``."""
+    if not (isinstance(bias, Tensor) and bias.dim() > 1 and isinstance(input, Tensor)):
+        return False
+    if not (isinstance(weight, Tensor) and weight.dim() == 2 and input.dim() >= 1):
+        return False
+    try:
+        torch.broadcast_shapes((*input.shape[:-1], weight.shape[0]), bias.shape)
+    except RuntimeError:
+        return False
+    return True
 
 
 def linear_relu(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -216,6 +240,11 @@ def _backward(ctx, grad, grad_mask, *, bwd_op):
     bg = ctx.has_bias and ctx.needs_input_grad[2]
     if not (ig or wg or bg):
         return None, None, None, None, None
+    if reference.wants_graph(grad, input, weight, saved_out):  # (a second backward to come)
+        gx, gw, gb = reference.linear_act_grads(
+            grad, input, weight, saved_out, mask, ctx.activation, ctx.negative_slope, (ig, wg, bg)
+        )
+        return gx, gw, gb, None, None
     gx, gw, gb = bwd_op(
         grad, input, weight, saved_out, mask, ctx.activation, ctx.negative_slope, ig, wg, bg
     )

@@ -19,7 +19,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 from ..constants import ACT_USES_MASK, ACTIVATIONS, acc_dtype, activation_code, mask_row_bytes
 from . import _checks as check
-from ._registry import AUTOCAST_LOWER, OpSpec, on_device, register
+from ._registry import AUTOCAST_LOWER, OpSpec, on_device, register, transforms_active
 
 _OP = "mlp"
 SAVED_PER_LAYER = 6  # csrc/mlp.h: kMlpSavedPerLayer
@@ -296,7 +296,7 @@ def run(
             and on_device(input.device, *weights)):  # fmt: skip
         check_args(*args, negative_slope, out_act, op=False)
         backend = OP.resolve(input.device, backend)
-        if backend == "reference":
+        if backend == "reference" or transforms_active():
             return OP.reference(
                 input, weights, present(biases), _NAMES[act], negative_slope, _NAMES[out_act],
                 flags, present(bn_w), present(bn_b), present(r_m), present(r_v), training,
