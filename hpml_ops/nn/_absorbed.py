@@ -8,7 +8,8 @@ activation itself. So the pair stays correct when a torch helper rebuilds or rep
 module from its class (``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, ``fuse_conv_bn_eval``
 by hand, a forward hook that returns another tensor): the activation is then applied by the slot,
 never lost and never applied twice. With a forward hook on the fused module, the module leaves the
-activation to the slot, so the hook sees the pre-activation output, as on torch's modules.
+activation to the slot, so the hook sees the pre-activation output, as on torch's modules; and
+under torch.compile likewise (nothing handed over to trace; the compiler fuses the activation).
 
 The hand-over is one attribute: the fused module stores its output in the slot's ``__dict__``
 (``_fused_out``), the slot pops it and compares identities. Neither is state: not in the
@@ -17,6 +18,7 @@ The hand-over is one attribute: the fused module stores its output in the slot's
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _global_forward_hooks
 
@@ -25,7 +27,9 @@ class _Absorbed:
     """Mixin over an activation module class (see the module docstring)."""
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.__dict__.pop("_fused_out", None) is input:
+        # (Under torch.compile the fused module leaves the activation to this slot: no hand-over
+        # to trace, and the compiler fuses the activation itself.)
+        if not torch.compiler.is_compiling() and self.__dict__.pop("_fused_out", None) is input:
             return input  # the fused module applied this activation already
         return super().forward(input)
 
@@ -69,6 +73,7 @@ def absorb(fused: nn.Module, act: nn.Module) -> nn.Module:
     return slot
 
 
-def hooked(module: nn.Module) -> bool:
-    """Whether a forward hook must see ``module``'s own (pre-activation) output."""
-    return bool(module._forward_hooks or _global_forward_hooks)
+def defer_activation(module: nn.Module) -> bool:
+    """Whether ``module`` (followed by its slot) leaves the activation to the slot: a forward
+    hook must see its own (pre-activation) output, or torch.compile is tracing it."""
+    return bool(module._forward_hooks or _global_forward_hooks) or torch.compiler.is_compiling()

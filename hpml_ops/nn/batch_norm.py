@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..constants import BN_ACTIVATIONS, activation_code
 from ..ops.batch_norm import _batch_norm
-from ._absorbed import hooked
+from ._absorbed import defer_activation
 from ._common import check_backend
 
 
@@ -48,7 +48,7 @@ class _FusedBatchNormMixin:
         # The ReLU's slot after convert's fusion (hpml_ops/nn/_absorbed.py): told what this call
         # applied; with a forward hook the hook sees the normalised output, the slot the ReLU.
         slot = self.__dict__.get("_hpml_absorbed")
-        activation = None if slot is not None and hooked(self) else self.activation
+        activation = None if slot is not None and defer_activation(self) else self.activation
         out = _batch_norm(
             input,
             self.running_mean if use_running else None,

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..constants import activation_code
 from ..ops.linear_act import _linear_act
-from ._absorbed import hooked
+from ._absorbed import defer_activation
 from ._common import check_backend
 
 
@@ -49,7 +49,9 @@ class FusedLinear(torch.nn.Linear):
             return _linear_act(
                 input, self.weight, self.bias, self.activation, self.negative_slope, self.backend
             )
-        if hooked(self):  # the hook sees the product; the slot applies the activation
+        if defer_activation(
+            self
+        ):  # a hook sees the product (or torch.compile traces); the slot applies the activation
             return _linear_act(input, self.weight, self.bias, "none", 0.01, self.backend)
         out = _linear_act(
             input, self.weight, self.bias, self.activation, self.negative_slope, self.backend
