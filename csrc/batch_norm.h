@@ -78,6 +78,28 @@ inline void check_batch_norm(const at::Tensor& input, const std::optional<at::Te
   check_channel_vector(op, bias, input, "bias");
   check_channel_vector(op, running_mean, input, "running_mean");
   check_channel_vector(op, running_var, input, "running_var");
+  // torch's rule: one dtype for all of them, the input's, or float32 for fp16/bf16 input.
+  {
+    const std::pair<const std::optional<at::Tensor>*, const char*> params[] = {
+        {&weight, "weight"}, {&bias, "bias"}, {&running_mean, "running_mean"},
+        {&running_var, "running_var"}};
+    std::optional<c10::ScalarType> want;
+    bool ok = true;
+    std::string got;
+    for (const auto& [t, name] : params) {
+      if (!present(*t)) continue;
+      const c10::ScalarType d = (*t)->scalar_type();
+      if (!want) want = d;
+      ok = ok && d == *want;
+      got += std::string(got.empty() ? "" : ", ") + name + " " + py_dtype(d);
+    }
+    const c10::ScalarType x = input.scalar_type();
+    const bool low = x == at::kHalf || x == at::kBFloat16;
+    ok = ok && (!want || *want == x || (low && *want == at::kFloat));
+    TORCH_CHECK(ok, op,
+                ": expected weight, bias, running_mean and running_var of one dtype, the input's (",
+                py_dtype(x), ") or torch.float32 for float16/bfloat16 input; got ", got);
+  }
   TORCH_CHECK(training || (present(running_mean) && present(running_var)),
               "running_mean must be defined in evaluation mode");
   TORCH_CHECK_VALUE(present(running_mean) == present(running_var),

@@ -183,3 +183,34 @@ def test_batch_norm_argument_errors_as_torch(backend):
     with hpml_ops.use_backend(backend), pytest.raises(ValueError, match=re.escape("both be None")):
         hpml_ops.batch_norm(x, rm, None, training=True)
     assert torch.equal(rm, torch.zeros(3, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_norm_dtype_rules_as_torch(backend):
+    """torch's rule for batch norm's weight, bias and statistics: one dtype for all, the input's,
+    or float32 for float16/bfloat16 input. Where torch raises, ours raises naming the arguments
+    and dtypes; where torch runs, ours gives its result."""
+    dts = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    torch.manual_seed(5)
+    for xd in dts:
+        x = torch.randn(6, 3, device=DEVICE).to(xd)
+        for wd in dts:
+            for sd in dts:
+                args = (
+                    torch.zeros(3, device=DEVICE, dtype=sd),
+                    torch.ones(3, device=DEVICE, dtype=sd),
+                    torch.ones(3, device=DEVICE, dtype=wd),
+                    torch.zeros(3, device=DEVICE, dtype=wd),
+                )
+                try:
+                    want = F.batch_norm(x, *[a.clone() for a in args], True)
+                except RuntimeError:
+                    want = None
+                with hpml_ops.use_backend(backend):
+                    if want is None:
+                        with pytest.raises(RuntimeError, match="of one dtype, the input's"):
+                            hpml_ops.batch_norm(x, *[a.clone() for a in args], True)
+                        continue
+                    got = hpml_ops.batch_norm(x, *[a.clone() for a in args], True)
+                assert got.dtype == want.dtype == xd
+                torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)

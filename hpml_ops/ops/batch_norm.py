@@ -42,13 +42,26 @@ def check_args(
     """The arguments batch norm accepts, for the public function, the op and its fake kernel;
     the C++ launchers check the same, in the same order and words (``csrc/batch_norm.h``)."""
     _check_input(_OP, input, activation)
-    for name, t in (
+    params = (
         ("weight", weight),
         ("bias", bias),
         ("running_mean", running_mean),
         ("running_var", running_var),
-    ):
+    )
+    for name, t in params:
         check.per_channel(_OP, t, input.shape[1], input, name)
+    # torch's rule: one dtype for all of them, the input's, or float32 for fp16/bf16 input.
+    given = [(name, t.dtype) for name, t in params if t is not None]
+    want = given[0][1] if given else input.dtype
+    low = input.dtype in (torch.float16, torch.bfloat16)
+    if given and (
+        any(d != want for _, d in given) or want not in (input.dtype, *([torch.float32] * low))
+    ):
+        got = ", ".join(f"{name} {d}" for name, d in given)
+        raise RuntimeError(
+            f"{_OP}: expected weight, bias, running_mean and running_var of one dtype, the "
+            f"input's ({input.dtype}) or torch.float32 for float16/bfloat16 input; got {got}"
+        )
     if not training and (running_mean is None or running_var is None):
         raise RuntimeError("running_mean must be defined in evaluation mode")
     if (running_mean is None) != (running_var is None):
