@@ -111,10 +111,8 @@ inline void check_batch_norm(const at::Tensor& input, const std::optional<at::Te
     TORCH_CHECK_VALUE(per_channel != 1,
                       "Expected more than 1 value per channel when training, got input size ",
                       torch_size(input.sizes()));
-    TORCH_CHECK_VALUE(eps > 0.0, "batch_norm eps must be positive during training, but got ",
-                      py_float(eps));
   }
-  TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", py_float(eps));
+  check_bn_eps(eps, training);
 }
 
 // The checks shared by the backward ops: grad (and the output, read for the ReLU mask) of the

@@ -54,23 +54,26 @@ inline std::string py_shape(at::IntArrayRef s) {
 }
 
 // A float as Python's repr prints it for the values error messages show: "0.0", "-1.0", "1e-05".
+// The shortest form that reads back the same, as repr does (17 digits always do).
 inline std::string py_float(double v) {
-  std::ostringstream os;
-  os.precision(17);
-  os << v;
-  std::string s = os.str();
-  // Shortest form that reads back the same, as repr does.
+  std::string s;
   for (int p = 1; p <= 17; ++p) {
     std::ostringstream t;
     t.precision(p);
     t << v;
-    if (std::stod(t.str()) == v) {
-      s = t.str();
-      break;
-    }
+    s = t.str();
+    if (std::stod(s) == v) break;
   }
   if (s.find_first_of(".eEn") == std::string::npos) s += ".0";  // integral: "0" -> "0.0"
   return s;
+}
+
+// torch's batch-norm eps rule (batch_norm and the whole-MLP op's batch norms): positive in
+// training, non-negative in evaluation; ValueError in torch's words.
+inline void check_bn_eps(double eps, bool training) {
+  TORCH_CHECK_VALUE(!training || eps > 0.0,
+                    "batch_norm eps must be positive during training, but got ", py_float(eps));
+  TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", py_float(eps));
 }
 
 // A shape as torch prints a torch.Size: "torch.Size([4, 6])".

@@ -122,11 +122,7 @@ inline void check_mlp(const at::Tensor& input, at::TensorList weights, OptTensor
         TORCH_CHECK_VALUE(!training || input.size(0) != 1,
                           "Expected more than 1 value per channel when training, got input size ",
                           torch_size({input.size(0), n}));
-        TORCH_CHECK_VALUE(!training || eps > 0.0,
-                          "batch_norm eps must be positive during training, but got ",
-                          py_float(eps));
-        TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ",
-                          py_float(eps));
+        check_bn_eps(eps, training);
       }
     }
     fan_in = n;

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .constants import ACTIVATIONS, REDUCTIONS
+
 
 def _up(t: Tensor | None, upcast: bool) -> Tensor | None:
     if t is None or not upcast or not t.is_floating_point():
@@ -157,8 +159,6 @@ def unpack_mask(mask: Tensor, n: int) -> Tensor:
 def linear_act_grads(grad, input, weight, out, mask, activation: int, slope: float, need):
     """(grad input, grad weight, grad bias) of ``act(input @ weight.T + b)`` (2-D input), each
     None unless asked, from the mask (ReLU, leaky ReLU) or the output (sigmoid, tanh)."""
-    from .constants import ACTIVATIONS
-
     if activation == ACTIVATIONS["relu"]:
         dz = grad.masked_fill(~unpack_mask(mask, grad.shape[1]), 0)
     elif activation == ACTIVATIONS["leaky_relu"]:
@@ -194,3 +194,18 @@ def batch_norm_grads(grad, input, weight, out, mean, invstd, training: bool, rel
     gw = (g * (input - m) * s).sum(dims) if need[1] else None
     gb = g.sum(dims) if need[2] else None
     return gx, gw, gb
+
+
+_REDUCTION_NAMES = {code: name for name, code in REDUCTIONS.items()}
+
+
+def bce_with_logits_grads(grad, input, target, weight, pos_weight, reduction: int, need):
+    """(grad input, grad target), each None unless asked: torch's own loss on the saved inputs,
+    differentiated with a graph."""
+    with torch.enable_grad():
+        loss = F.binary_cross_entropy_with_logits(
+            input, target, weight, pos_weight=pos_weight, reduction=_REDUCTION_NAMES[reduction]
+        )
+    wrt = [t for t, n in zip((input, target), need, strict=True) if n]
+    got = iter(torch.autograd.grad(loss, wrt, grad, create_graph=True))
+    return tuple(next(got) if n else None for n in need)

@@ -54,6 +54,15 @@ def per_channel(op: str, t, n: int, ref: Tensor, name: str) -> None:
     same_device(op, ref, t, name)
 
 
+def bn_eps(eps: float, training: bool) -> None:
+    """torch's batch-norm eps rule (``check_bn_eps``): positive in training, non-negative in
+    evaluation; ValueError in torch's words."""
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
 def broadcastable_to(shape: torch.Size, target: torch.Size) -> bool:
     if len(shape) > len(target):
         return False

@@ -76,10 +76,7 @@ def check_args(
                 "Expected more than 1 value per channel when training, got input size "
                 f"{input.size()}"
             )
-        if eps <= 0.0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:  # torch's rule in evaluation: 0 is allowed there
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    check.bn_eps(eps, training)
 
 
 def check_backward_args(op: str, grad, input, weight, output, activation, mean, invstd) -> None:

@@ -10,7 +10,6 @@ interpreter; a ``custom_op`` passes in both places, and the kernel is already fu
 """
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
@@ -183,9 +182,6 @@ def _setup_context(ctx, inputs, output):
     ctx.reduction = reduction
 
 
-_REDUCTION_NAMES = {code: name for name, code in REDUCTIONS.items()}
-
-
 @SPEC.backward
 def _backward(ctx, grad, *, bwd_op):
     input, target, weight, pos_weight = ctx.saved_tensors
@@ -193,23 +189,10 @@ def _backward(ctx, grad, *, bwd_op):
     if not (need_input or need_target):
         return None, None, None, None, None
     if reference.wants_graph(grad, input, target, weight, pos_weight):  # (a second backward)
-        with torch.enable_grad():  # torch's loss on the saved inputs, differentiated with a graph
-            loss = F.binary_cross_entropy_with_logits(
-                input,
-                target,
-                weight,
-                pos_weight=pos_weight,
-                reduction=_REDUCTION_NAMES[ctx.reduction],
-            )
-        wrt = [t for t, n in ((input, need_input), (target, need_target)) if n]
-        got = list(torch.autograd.grad(loss, wrt, grad, create_graph=True))
-        return (
-            got.pop(0) if need_input else None,
-            got.pop(0) if need_target else None,
-            None,
-            None,
-            None,
+        grads = reference.bce_with_logits_grads(
+            grad, input, target, weight, pos_weight, ctx.reduction, (need_input, need_target)
         )
+        return grads + (None, None, None)
     grad_input, grad_target = bwd_op(
         grad, input, target, weight, pos_weight, ctx.reduction, need_input, need_target
     )

@@ -152,12 +152,7 @@ def check_args(
                         "Expected more than 1 value per channel when training, got input size "
                         f"{torch.Size([rows, n])}"
                     )
-                if training and eps <= 0.0:
-                    raise ValueError(
-                        f"batch_norm eps must be positive during training, but got {eps}"
-                    )
-                if eps < 0.0:
-                    raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+                check.bn_eps(eps, training)
         fan_in = n
 
 
