@@ -39,8 +39,11 @@ $(EXT): $(DEPS) $(SOURCES)
 	@grep -E '^\[hpml_ops build\]' build/build.log || true
 	touch $@
 
+# The whole suite on the best ISA variant of the CPU kernels this CPU runs, then the C++ kernels'
+# tests under each variant below it (ATEN_CPU_CAPABILITY, tools/test_cpu_variants.py).
 test: $(EXT)
 	$(PY) -m pytest -q
+	$(PY) tools/test_cpu_variants.py
 
 # The README's main command: an MLP with batch norm on scikit-learn's breast-cancer data, trained
 # with the fused ops (cpp on CPU, triton on a GPU) and, from the same initial weights and data

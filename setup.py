@@ -9,8 +9,11 @@ Environment:
   HPML_SKIP_EXT=1         install the Python package only (the Makefile then builds the extension
                           in place with `setup.py build_ext --inplace`, incrementally, with its log)
   HPML_NO_EMU=1           leave the CUDA emulator hpml_ops._C_emu out (its tests then skip)
-  HPML_CPU_ISA            "avx2" or "default"; default: avx2 when the build machine has AVX2+FMA
-                          (the extension is built in place, on the machine that runs it)
+  HPML_CPU_ISA            the best ISA variant of the CPU kernels to build: "default", "avx2" or
+                          "avx512" (default: avx512 on x86-64, else default). Every variant up to
+                          it is built and the one to run is chosen at run time from the CPU
+                          (csrc/cpu_dispatch.h; ATEN_CPU_CAPABILITY honoured): this only limits
+                          what is built (a faster build, or a compiler without AVX-512)
 """
 
 from __future__ import annotations
@@ -64,18 +67,42 @@ def _cuda_plan() -> tuple[bool, str]:
     )
 
 
-def _cpu_isa() -> str:
-    isa = os.environ.get("HPML_CPU_ISA")
-    if isa:
-        return isa
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return "default"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return "default"
-    return "avx2" if (" avx2" in flags and " fma" in flags) else "default"
+# The ISA variants of the CPU kernels, as ATen builds its own (cmake/Codegen.cmake): flags that
+# select at::vec's implementation (and Sleef's) through CPU_CAPABILITY_<NAME>.
+CPU_VARIANTS = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    # GCC 12's own avx512fintrin.h trips its -Wmaybe-uninitialized (its `__Y = __Y` idiom).
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+    + ["-Wno-maybe-uninitialized"],
+}
+
+
+def _capability_flags(variant: str) -> list[str]:
+    name = variant.upper()
+    return [f"-DCPU_CAPABILITY={name}", f"-DCPU_CAPABILITY_{name}"]
+
+
+def _cpu_variants() -> list[str]:
+    """The variants to build, DEFAULT first (it goes with the other sources; the others are
+    compiled again and linked after it: see csrc/cpu_dispatch.h)."""
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    best = os.environ.get("HPML_CPU_ISA") or ("avx512" if x86 else "default")
+    if best not in CPU_VARIANTS:
+        raise SystemExit(f"HPML_CPU_ISA={best!r}: expected one of {', '.join(CPU_VARIANTS)}")
+    if best != "default" and not x86:
+        raise SystemExit(f"HPML_CPU_ISA={best!r} needs an x86-64 build machine")
+    names = list(CPU_VARIANTS)
+    return names[: names.index(best) + 1]
+
+
+def _cpu_kernel_sources() -> list[str]:
+    """The files of CPU kernels: each is compiled once per ISA variant."""
+    return [
+        p
+        for p in sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+        if "HPML_REGISTER_CPU_KERNELS(" in open(os.path.join(ROOT, p)).read()
+    ]
 
 
 GENERATED = os.path.join(ROOT, "build", "generated")
@@ -109,12 +136,15 @@ def _extension():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
-    isa = _cpu_isa()
-    if isa == "avx2":
-        # at::vec picks its AVX2 implementation (and Sleef's AVX2 math) from these macros.
-        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    _say(f"CPU kernels use the {isa} vector ISA")
+    # Every source is compiled for the DEFAULT capability; the CPU kernel files again for each
+    # other variant (Build below).
+    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"] + _capability_flags("default")
+    variants = _cpu_variants()
+    _say(
+        "CPU kernels built for "
+        + ", ".join(v.upper() for v in variants)
+        + " (the one to run is chosen at run time)"
+    )
     kwargs = dict(
         name="hpml_ops._C",
         sources=sources,
@@ -123,7 +153,9 @@ def _extension():
         py_limited_api=True,
     )
     if not with_cuda:
-        return CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
+        ext = CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
+        ext.hpml_cpu_variants = variants[1:]
+        return ext
 
     import torch
 
@@ -142,9 +174,11 @@ def _extension():
     nvcc = ["-O3", "-lineinfo", "-Xptxas=-v", "-DHPML_WITH_CUDA"]
     kwargs["sources"] = sources
     kwargs["include_dirs"] = kwargs["include_dirs"] + extra_inc
-    return CUDAExtension(
+    ext = CUDAExtension(
         extra_compile_args={"cxx": cxx + ["-DHPML_WITH_CUDA"], "nvcc": nvcc}, **kwargs
     )
+    ext.hpml_cpu_variants = variants[1:]
+    return ext
 
 
 # The CUDA emulator (csrc/emu): the kernels of csrc/cuda compiled as host C++, each through a
@@ -214,18 +248,35 @@ def _build_ext():
     from torch.utils.cpp_extension import BuildExtension
 
     class Build(BuildExtension):
+        def _compile(self, ext, sources, output_dir, cxx):
+            return self.compiler.compile(
+                sources,
+                output_dir=os.path.join(self.build_temp, output_dir),
+                include_dirs=ext.include_dirs,
+                extra_postargs={"cxx": cxx} if self.use_ninja else cxx,
+            )
+
         def build_extension(self, ext):
+            # The CPU kernel files once more per ISA variant, with that variant's flags in place
+            # of DEFAULT's (torch's flags added by now), linked after the DEFAULT objects.
+            variants = getattr(ext, "hpml_cpu_variants", [])
+            if variants:
+                base = [
+                    f
+                    for f in ext.extra_compile_args["cxx"]
+                    if f not in _capability_flags("default")
+                ]
+                objects = []
+                for v in variants:
+                    flags = base + CPU_VARIANTS[v] + _capability_flags(v)
+                    objects += self._compile(ext, _cpu_kernel_sources(), f"cpu_{v}", flags)
+                ext.extra_objects = objects
             instrumented = getattr(ext, "hpml_instrumented", None)
             if instrumented:
                 # Compiled with the extension's flags (torch's added by now) plus the
                 # instrumentation, into objects the extension links.
                 cxx = ext.extra_compile_args["cxx"] + EMU_INSTRUMENT
-                ext.extra_objects = self.compiler.compile(
-                    instrumented,
-                    output_dir=os.path.join(self.build_temp, "emu_instrumented"),
-                    include_dirs=ext.include_dirs,
-                    extra_postargs={"cxx": cxx} if self.use_ninja else cxx,
-                )
+                ext.extra_objects = self._compile(ext, instrumented, "emu_instrumented", cxx)
             super().build_extension(ext)
 
     return Build.with_options(use_ninja=True)

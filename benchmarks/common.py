@@ -107,6 +107,14 @@ def machine(device: str) -> dict:
         info["triton"] = None
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
+    # The ISA variants: torch's kernels' and ours (csrc/cpu_dispatch.h), each result names them.
+    info["torch_cpu_isa"] = torch.backends.cpu.get_cpu_capability()
+    try:
+        import hpml_ops
+
+        info["hpml_cpu_isa"] = hpml_ops.cpu_capability()
+    except ImportError:
+        info["hpml_cpu_isa"] = None
     return info
 
 
@@ -288,6 +296,8 @@ def start(
     meta = machine(device)
     meta["dtype"] = str(dtype).replace("torch.", "")
     head = f"# {title} on {device} ({meta.get('gpu', meta['cpu'])}), {meta['dtype']}"
+    if not device.startswith("cuda"):
+        head += f", CPU kernels: torch {meta['torch_cpu_isa']}, hpml {meta['hpml_cpu_isa']}"
     if copy:
         meta["copy_GBps"] = round(copy_bandwidth(device), 1)
         head += f", copy bandwidth {meta['copy_GBps']:.1f} GB/s"

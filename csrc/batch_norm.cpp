@@ -15,6 +15,7 @@
 #include "batch_norm.h"
 #include "cpu_channel.h"
 #include "cpu_alloc.h"
+#include "cpu_dispatch.h"
 #include "cpu_vec.h"
 #include "hpml_math.h"
 
@@ -23,9 +24,13 @@ namespace {
 
 // Elements per reduction chunk and per unit of parallel work (fixed).
 constexpr int64_t kChunkElems = 32768;
-// Vectors summed in the accumulation dtype before they are added into double: sums over ~10^4
-// terms of mixed sign (sum dz (x - mean)) lost ~1e-5 relative in fp32 alone.
+// Values summed in the accumulation dtype before they are added into double: sums over ~10^4
+// terms of mixed sign (sum dz (x - mean)) lost ~1e-5 relative in fp32 alone. Per lane at most
+// kFlush rows (inner == 1), or kFlushElems / V vectors (inner > 1: every ISA variant's lanes sum
+// as many terms in fp32 as AVX2's 8 lanes did, 256; 16 AVX-512 lanes summing 256 each missed the
+// fp32 tolerance on the parity suite's 3 x 4 x 128 x 129 input).
 constexpr int64_t kFlush = 256;
+constexpr int64_t kFlushElems = 2048;
 
 // Per channel (sum a, sum b) of f over every element. f(offset, count, par) returns the two
 // vectors for `count` elements at `offset` (lanes >= count must be 0); par(array) gives the
@@ -108,7 +113,7 @@ void reduce_channels(int64_t outer, int64_t C, int64_t inner, const F& f, std::v
                                   [&](const acc_t* p) { return Vec(p[c]); });
           a = a + va;
           b = b + vb;
-          if (++pending == kFlush) flush();
+          if (++pending == kFlushElems / V) flush();
         }
       }
       flush();
@@ -427,6 +432,6 @@ at::Tensor batch_norm_backward_elemt_cpu(const at::Tensor& grad, const at::Tenso
 
 }  // namespace
 
-HPML_REGISTER_KERNELS(batch_norm, CPU, _cpu)
+HPML_REGISTER_CPU_KERNELS(batch_norm)
 
 }  // namespace hpml

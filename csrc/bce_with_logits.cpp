@@ -12,6 +12,7 @@
 
 #include "bce_with_logits.h"
 #include "cpu_alloc.h"
+#include "cpu_dispatch.h"
 #include "cpu_vec.h"
 #include "hpml_math.h"
 
@@ -224,6 +225,6 @@ std::tuple<at::Tensor, at::Tensor> bce_with_logits_backward_cpu(
 
 }  // namespace
 
-HPML_REGISTER_KERNELS(bce_with_logits, CPU, _cpu)
+HPML_REGISTER_CPU_KERNELS(bce_with_logits)
 
 }  // namespace hpml

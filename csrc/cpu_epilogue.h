@@ -12,6 +12,8 @@
 #include "hpml_math.h"
 
 namespace hpml {
+// A namespace per ISA variant of the CPU kernels (csrc/cpu_dispatch.h).
+inline namespace CPU_CAPABILITY {
 
 // Rows [r0, r1) of out (N columns, row-major): out = act(out + bias) (bias may be null), and
 // where mask is not null the rows' bits of out > 0 (before the activation; for ReLU NaN too, as
@@ -23,7 +25,6 @@ inline void epilogue_rows(scalar_t* out, const scalar_t* bias, uint8_t* mask, in
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const int64_t nb = mask_row_bytes(N);
-  static_assert(V <= 8 && 8 % V == 0, "a vector's mask bits must fall in one byte");
   const Vec vslope(slope);
   for (int64_t m = r0; m < r1; ++m) {
     scalar_t* row = out + m * N;
@@ -33,9 +34,7 @@ inline void epilogue_rows(scalar_t* out, const scalar_t* bias, uint8_t* mask, in
       const int64_t c = std::min<int64_t>(V, N - j);
       Vec z = load(row + j, c);
       if (bias != nullptr) z = z + load(bias + j, c);
-      // j is a multiple of V, so a vector's bits land in one byte (V <= 8).
-      if (mrow != nullptr)
-        mrow[j >> 3] |= static_cast<uint8_t>(positive_bits<A == Act::Relu>(z, c) << (j & 7));
+      if (mrow != nullptr) put_mask_bits<V>(mrow, j, positive_bits<A == Act::Relu>(z, c), c);
       store(row + j, math::activate<A>(z, vslope), c);
     }
   }
@@ -58,7 +57,7 @@ inline void dz_rows(const scalar_t* g, const scalar_t* y, const uint8_t* mask, s
       const Vec gv = load(grow + j, c);
       Vec d;
       if constexpr (A == Act::Relu || A == Act::LeakyRelu) {
-        const uint32_t bits = (mask[m * nb + (j >> 3)] >> (j & 7)) & ((1u << V) - 1);
+        const uint32_t bits = get_mask_bits<V>(mask + m * nb, j, c);
         const Vec on = lanes_from_bits<acc_t>(bits);
         // A select, as torch's threshold_backward: a NaN gradient where the mask is off is 0.
         d = math::vselect(on, gv, A == Act::Relu ? zero : gv * vslope);
@@ -76,4 +75,5 @@ inline void dz_rows(const scalar_t* g, const scalar_t* y, const uint8_t* mask, s
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace hpml

@@ -3,23 +3,27 @@
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
 #include <type_traits>
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
 
 namespace hpml {
+// A namespace per ISA variant of the CPU kernels (csrc/cpu_dispatch.h).
+inline namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
 template <typename scalar_t>
 using opmath_t = at::opmath_type<scalar_t>;
 
-// Load `count` (<= vector size) elements, widened to the accumulation type.
+// Load `count` (<= vector size) elements, widened to the accumulation type (fp16/bf16 -> fp32:
+// a whole vector with the ISA's conversion, vcvtph2ps or a shift; torch's own kernels' rounding).
 template <typename scalar_t>
 inline Vectorized<opmath_t<scalar_t>> load(const scalar_t* p, int64_t count) {
   using acc_t = opmath_t<scalar_t>;
@@ -27,6 +31,13 @@ inline Vectorized<opmath_t<scalar_t>> load(const scalar_t* p, int64_t count) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return Vec::loadu(p, count);
   } else {
+    if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+      if (count == Vec::size()) {
+        Vec out;
+        at::vec::load_to_float<scalar_t>(p, out);
+        return out;
+      }
+    }
     __at_align__ acc_t buf[Vec::size()];
     for (int64_t k = 0; k < Vec::size(); ++k) buf[k] = k < count ? static_cast<acc_t>(p[k]) : 0;
     return Vec::loadu(buf);
@@ -39,50 +50,71 @@ inline void store(scalar_t* p, const Vectorized<opmath_t<scalar_t>>& v, int64_t 
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     v.store(p, count);
   } else {
+    if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+      // Round to nearest even, as c10's scalar conversion (a NaN may differ in its payload).
+      if (count == Vectorized<acc_t>::size()) {
+        at::vec::convert_from_float<scalar_t>(v, v).store(p, count);
+        return;
+      }
+    }
     __at_align__ acc_t buf[Vectorized<acc_t>::size()];
     v.store(buf);
     for (int64_t k = 0; k < count; ++k) p[k] = static_cast<scalar_t>(buf[k]);
   }
 }
 
-// store(), but full fp32/fp64 vectors at 32-byte aligned addresses go around the cache
-// (_mm256_stream_*): a streamed line is not read before it is written (no read-for-ownership),
-// which saves a quarter of the traffic of a pass that reads two inputs and writes one output.
-// For outputs far larger than the cache only; the writing thread calls stream_fence() before
-// the data is read by another thread.
+// store(), but full fp32/fp64 vectors at vector-aligned addresses go around the cache
+// (_mm256_stream_* / _mm512_stream_*): a streamed line is not read before it is written (no
+// read-for-ownership), which saves a quarter of the traffic of a pass that reads two inputs and
+// writes one output. For outputs far larger than the cache only; the writing thread calls
+// stream_fence() before the data is read by another thread.
 template <typename scalar_t>
 inline void store_stream(scalar_t* p, const Vectorized<opmath_t<scalar_t>>& v, int64_t count) {
-#if defined(CPU_CAPABILITY_AVX2)
+  constexpr int64_t V = Vectorized<opmath_t<scalar_t>>::size();
+  [[maybe_unused]] const bool aligned =
+      count == V && (reinterpret_cast<uintptr_t>(p) & (V * sizeof(scalar_t) - 1)) == 0;
+#if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (count == 8 && (reinterpret_cast<uintptr_t>(p) & 31) == 0) {
-      _mm256_stream_ps(p, static_cast<__m256>(v));
-      return;
-    }
+    if (aligned) return _mm512_stream_ps(p, static_cast<__m512>(v));
   } else if constexpr (std::is_same_v<scalar_t, double>) {
-    if (count == 4 && (reinterpret_cast<uintptr_t>(p) & 31) == 0) {
-      _mm256_stream_pd(p, static_cast<__m256d>(v));
-      return;
-    }
+    if (aligned) return _mm512_stream_pd(p, static_cast<__m512d>(v));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (aligned) return _mm256_stream_ps(p, static_cast<__m256>(v));
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    if (aligned) return _mm256_stream_pd(p, static_cast<__m256d>(v));
   }
 #endif
   store(p, v, count);
 }
 
 inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   _mm_sfence();
 #endif
 }
 
 // Bit k set where lane k of v is > 0, for k < count (other bits 0); with kNanSet also where it
 // is NaN (ReLU's mask: torch's threshold_backward passes the gradient unless x <= 0, so a NaN
-// pre-activation passes it; leaky ReLU's is x > 0). One movemask on AVX2.
+// pre-activation passes it; leaky ReLU's is x > 0). One compare-to-mask (AVX-512) or movemask
+// (AVX2).
 template <bool kNanSet = false, typename T>
 inline uint32_t positive_bits(const Vectorized<T>& v, int64_t count) {
   constexpr int64_t V = Vectorized<T>::size();
+  static_assert(V <= 32, "a vector's bits must fit in 32");
   const uint32_t keep = count >= V ? (V >= 32 ? ~0u : (1u << V) - 1) : (1u << count) - 1;
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   constexpr int kPred = kNanSet ? _CMP_NLE_UQ : _CMP_GT_OQ;
+#endif
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float> && V == 16) {
+    return static_cast<uint32_t>(_mm512_cmp_ps_mask(__m512(v), _mm512_setzero_ps(), kPred)) & keep;
+  } else if constexpr (std::is_same_v<T, double> && V == 8) {
+    return static_cast<uint32_t>(_mm512_cmp_pd_mask(__m512d(v), _mm512_setzero_pd(), kPred)) &
+           keep;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float> && V == 8) {
     return static_cast<uint32_t>(
                _mm256_movemask_ps(_mm256_cmp_ps(__m256(v), _mm256_setzero_ps(), kPred))) &
@@ -107,7 +139,13 @@ inline uint32_t positive_bits(const Vectorized<T>& v, int64_t count) {
 template <typename T>
 inline Vectorized<T> lanes_from_bits(uint32_t bits) {
   constexpr int64_t V = Vectorized<T>::size();
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float> && V == 16) {
+    return _mm512_castsi512_ps(_mm512_movm_epi32(static_cast<__mmask16>(bits)));
+  } else if constexpr (std::is_same_v<T, double> && V == 8) {
+    return _mm512_castsi512_pd(_mm512_movm_epi64(static_cast<__mmask8>(bits)));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float> && V == 8) {
     const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     const __m256i hit = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), sel);
@@ -123,4 +161,33 @@ inline Vectorized<T> lanes_from_bits(uint32_t bits) {
   return Vectorized<T>::loadu(buf) > Vectorized<T>(T(0));
 }
 
+// The 1-bit masks (ReLU's, leaky ReLU's) hold bit j of a row in byte j / 8, bit j % 8, whatever
+// the vector width that wrote them. A vector of V lanes covers bits [j, j + count) with j a
+// multiple of V: part of one byte when V < 8, V / 8 whole bytes when V >= 8.
+
+// Or `count` bits into a row's mask (zeroed first) at bit j.
+template <int64_t V>
+inline void put_mask_bits(uint8_t* row, int64_t j, uint32_t bits, int64_t count) {
+  if constexpr (V >= 8) {
+    for (int64_t b = 0; b * 8 < count; ++b) row[(j >> 3) + b] = static_cast<uint8_t>(bits >> (8 * b));
+  } else {
+    static_assert(8 % V == 0, "a vector's mask bits must fall in one byte");
+    row[j >> 3] |= static_cast<uint8_t>(bits << (j & 7));
+  }
+}
+
+// The `count` bits of a row's mask at bit j.
+template <int64_t V>
+inline uint32_t get_mask_bits(const uint8_t* row, int64_t j, int64_t count) {
+  const uint32_t keep = count >= 32 ? ~0u : (1u << count) - 1;
+  if constexpr (V >= 8) {
+    uint32_t w = 0;
+    for (int64_t b = 0; b * 8 < count; ++b) w |= static_cast<uint32_t>(row[(j >> 3) + b]) << (8 * b);
+    return w & keep;
+  } else {
+    return (static_cast<uint32_t>(row[j >> 3]) >> (j & 7)) & keep;
+  }
+}
+
+}  // namespace CPU_CAPABILITY
 }  // namespace hpml

@@ -21,6 +21,8 @@
 
 namespace hpml {
 namespace math {
+// A namespace per ISA variant of the CPU kernels (csrc/cpu_dispatch.h).
+inline namespace CPU_CAPABILITY {
 
 // The shift K of batch norm's shifted sums S1 = sum(x - K), S2 = sum((x - K)^2): a channel's
 // first value, or 0 where that is not finite (an infinite K turns every difference into NaN,
@@ -51,39 +53,84 @@ template <typename T>
 inline at::vec::Vectorized<T> vexp(const at::vec::Vectorized<T>& x) {
   return x.exp();
 }
-#if defined(CPU_CAPABILITY_AVX2)
-// exp in registers, no call: Sleef's expf8 is an out-of-line call, around which the compiler
-// spills every live vector (perf annotate of the BCE forward). Cody-Waite reduction
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// The instructions exp_ps below needs, at this variant's width (csrc/cpu_dispatch.h): one
+// algorithm, written once, for 8 and for 16 lanes. Those both widths name alike (P is _mm256 or
+// _mm512), the two they name apart (ROUND, CAST_PS), then where() per width.
+#define HPML_EXP_ISA_COMMON(P, PS, PI, ROUND, CAST_PS)                  \
+  using ps = PS;                                                        \
+  using pi = PI;                                                        \
+  static ps set1(float v) { return P##_set1_ps(v); }                    \
+  static pi set1i(int v) { return P##_set1_epi32(v); }                  \
+  static ps min(ps a, ps b) { return P##_min_ps(a, b); }                \
+  static ps max(ps a, ps b) { return P##_max_ps(a, b); }                \
+  static ps mul(ps a, ps b) { return P##_mul_ps(a, b); }                \
+  static ps add(ps a, ps b) { return P##_add_ps(a, b); }                \
+  static ps fmadd(ps a, ps b, ps c) { return P##_fmadd_ps(a, b, c); }   \
+  static ps fnmadd(ps a, ps b, ps c) { return P##_fnmadd_ps(a, b, c); } \
+  static pi to_int(ps a) { return P##_cvtps_epi32(a); }                 \
+  static pi half(pi a) { return P##_srai_epi32(a, 1); }                 \
+  static pi addi(pi a, pi b) { return P##_add_epi32(a, b); }            \
+  static pi subi(pi a, pi b) { return P##_sub_epi32(a, b); }            \
+  static ps round(ps a) {                                               \
+    return ROUND(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);     \
+  }                                                                     \
+  static ps exponent(pi e) { return CAST_PS(P##_slli_epi32(e, 23)); }
+#if defined(CPU_CAPABILITY_AVX512)
+struct ExpIsa {
+  HPML_EXP_ISA_COMMON(_mm512, __m512, __m512i, _mm512_roundscale_ps, _mm512_castsi512_ps)
+  template <int kPred>
+  static ps where(ps a, ps b, ps yes, ps no) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, b, kPred), no, yes);
+  }
+};
+#else
+struct ExpIsa {
+  HPML_EXP_ISA_COMMON(_mm256, __m256, __m256i, _mm256_round_ps, _mm256_castsi256_ps)
+  template <int kPred>
+  static ps where(ps a, ps b, ps yes, ps no) {
+    return _mm256_blendv_ps(no, yes, _mm256_cmp_ps(a, b, kPred));
+  }
+};
+#endif
+#undef HPML_EXP_ISA_COMMON
+
+// exp in registers, no call: Sleef's expf8/expf16 is an out-of-line call, around which the
+// compiler spills every live vector (perf annotate of the BCE forward). Cody-Waite reduction
 // x = n ln2 + r, |r| <= ln2 / 2, Cephes' degree-6 polynomial for e^r (about 1 ulp), 2^n built in
 // the exponent field. Overflow gives +inf, underflow 0 (no denormal results), NaN stays NaN.
-inline at::vec::Vectorized<float> vexp(const at::vec::Vectorized<float>& xv) {
-  const __m256 x = xv;
+template <typename I>
+inline typename I::ps exp_ps(typename I::ps x) {
+  using ps = typename I::ps;
+  using pi = typename I::pi;
   // ln(FLT_MAX) and ln(FLT_MIN): beyond them the result is +inf / 0.
-  const __m256 hi = _mm256_set1_ps(88.72283935546875f), lo = _mm256_set1_ps(-87.3365447505531f);
-  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 r2 = _mm256_mul_ps(r, r);
-  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0f));
+  const ps hi = I::set1(88.72283935546875f), lo = I::set1(-87.3365447505531f);
+  const ps xc = I::min(I::max(x, lo), hi);
+  const ps n = I::round(I::mul(xc, I::set1(1.44269504088896341f)));
+  ps r = I::fnmadd(n, I::set1(0.693359375f), xc);
+  r = I::fnmadd(n, I::set1(-2.12194440e-4f), r);
+  ps p = I::set1(1.9875691500e-4f);
+  p = I::fmadd(p, r, I::set1(1.3981999507e-3f));
+  p = I::fmadd(p, r, I::set1(8.3334519073e-3f));
+  p = I::fmadd(p, r, I::set1(4.1665795894e-2f));
+  p = I::fmadd(p, r, I::set1(1.6666665459e-1f));
+  p = I::fmadd(p, r, I::set1(5.0000001201e-1f));
+  const ps r2 = I::mul(r, r);
+  const ps y = I::add(I::fmadd(p, r2, r), I::set1(1.0f));
   // 2^n as two factors 2^(n/2) 2^(n - n/2): n reaches 128 near ln(FLT_MAX), past the exponent
   // field of one float.
-  const __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1);
-  const __m256i bias = _mm256_set1_epi32(127);
-  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
-  const __m256 s2 = _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, n1), bias), 23));
-  __m256 out = _mm256_mul_ps(_mm256_mul_ps(y, s1), s2);
-  out = _mm256_blendv_ps(out, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
-  out = _mm256_blendv_ps(out, _mm256_setzero_ps(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));
-  return _mm256_blendv_ps(out, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  // NaN in, NaN out
+  const pi ni = I::to_int(n), n1 = I::half(ni);
+  const pi bias = I::set1i(127);
+  const ps s1 = I::exponent(I::addi(n1, bias));
+  const ps s2 = I::exponent(I::addi(I::subi(ni, n1), bias));
+  ps out = I::mul(I::mul(y, s1), s2);
+  out = I::template where<_CMP_GT_OQ>(x, hi, I::set1(INFINITY), out);
+  out = I::template where<_CMP_LT_OQ>(x, lo, I::set1(0.0f), out);
+  return I::template where<_CMP_UNORD_Q>(x, x, x, out);  // NaN in, NaN out
+}
+
+inline at::vec::Vectorized<float> vexp(const at::vec::Vectorized<float>& x) {
+  return exp_ps<ExpIsa>(x);
 }
 #endif
 template <typename T>
@@ -229,5 +276,6 @@ C10_HOST_DEVICE inline T bce_logits_dtarget(T x, T pw) {
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace math
 }  // namespace hpml

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cpu_alloc.h"
+#include "cpu_dispatch.h"
 #include "cpu_vec.h"
 #include "cpu_epilogue.h"
 #include "linear_act.h"
@@ -182,6 +183,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
 
 }  // namespace
 
-HPML_REGISTER_KERNELS(linear_act, CPU, _cpu)
+HPML_REGISTER_CPU_KERNELS(linear_act)
 
 }  // namespace hpml

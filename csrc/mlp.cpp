@@ -25,6 +25,7 @@
 
 #include "batch_norm.h"
 #include "cpu_alloc.h"
+#include "cpu_dispatch.h"
 #include "cpu_channel.h"
 #include "cpu_epilogue.h"
 #include "linear_act.h"
@@ -691,6 +692,6 @@ mlp_backward_cpu(const at::Tensor& grad, const at::Tensor& input, const at::Tens
 
 }  // namespace
 
-HPML_REGISTER_KERNELS(mlp, CPU, _cpu)
+HPML_REGISTER_CPU_KERNELS(mlp)
 
 }  // namespace hpml

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cpu_dispatch.h"
 
 namespace {
 
@@ -58,13 +59,67 @@ PyObject* constants() {
 #undef HPML_REDUCTION
 }
 
+// hpml_ops._C.cpu_capability(): the ISA variant of the CPU kernels in use ("AVX512", ...).
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(hpml::cpu::capability_name(hpml::cpu::active_capability()));
+}
+
+// hpml_ops._C.cpu_capabilities_built(): the variants this build holds, e.g. ("DEFAULT", "AVX2").
+PyObject* cpu_capabilities_built(PyObject*, PyObject*) {
+  const int built = hpml::cpu::built_capabilities();
+  PyObject* out = PyList_New(0);
+  for (int c = 0; out != nullptr && c < hpml::cpu::kNumCapabilities; ++c) {
+    if (!(built & (1 << c))) continue;
+    PyObject* name = PyUnicode_FromString(hpml::cpu::capability_name(c));
+    if (name == nullptr || PyList_Append(out, name) != 0) {
+      Py_XDECREF(name);
+      Py_DECREF(out);
+      return nullptr;
+    }
+    Py_DECREF(name);
+  }
+  return out;
+}
+
+// hpml_ops._C._force_cpu_capability(name or None) -> the name in use before (tests: every
+// variant the CPU can run, in one process).
+PyObject* force_cpu_capability(PyObject*, PyObject* arg) {
+  int cap = -1;
+  if (arg != Py_None) {
+    for (int c = 0; c < hpml::cpu::kNumCapabilities && cap < 0; ++c)
+      if (PyUnicode_Check(arg) &&
+          PyUnicode_CompareWithASCIIString(arg, hpml::cpu::capability_name(c)) == 0)
+        cap = c;
+    if (cap < 0) {
+      PyErr_Format(PyExc_ValueError, "unknown CPU capability %R; expected DEFAULT, AVX2 or AVX512",
+                   arg);
+      return nullptr;
+    }
+  }
+  try {
+    return PyUnicode_FromString(hpml::cpu::capability_name(hpml::cpu::force_capability(cap)));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+PyMethodDef methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS, "The ISA variant of the CPU kernels in use."},
+    {"cpu_capabilities_built", cpu_capabilities_built, METH_NOARGS,
+     "The ISA variants of the CPU kernels this build holds."},
+    {"_force_cpu_capability", force_cpu_capability, METH_O,
+     "Run the CPU kernels of this variant (None: the automatic choice); returns the one before."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
 }  // namespace
 
 extern "C" {
 // Importing hpml_ops._C loads this shared object, which runs the registrations below.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "hpml_ops compiled kernels (torch.ops.hpml)", -1, nullptr,
+      PyModuleDef_HEAD_INIT, "_C", "hpml_ops compiled kernels (torch.ops.hpml)", -1, methods,
   };
   PyObject* m = PyModule_Create(&module_def);
   if (m == nullptr) return nullptr;
@@ -72,11 +127,6 @@ PyObject* PyInit__C(void) {
   PyModule_AddIntConstant(m, "WITH_CUDA", 1);
 #else
   PyModule_AddIntConstant(m, "WITH_CUDA", 0);
-#endif
-#if defined(CPU_CAPABILITY_AVX2)
-  PyModule_AddStringConstant(m, "CPU_ISA", "avx2");
-#else
-  PyModule_AddStringConstant(m, "CPU_ISA", "default");
 #endif
   PyObject* c = constants();
   if (c == nullptr || PyModule_AddObject(m, "CONSTANTS", c) != 0) {

@@ -10,6 +10,7 @@ from ._backend import (
     BackendUnavailableError,
     available_backends,
     backend_status,
+    cpu_capability,
     get_backend,
     use_backend,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "batch_norm",
     "binary_cross_entropy_with_logits",
     "convert",
+    "cpu_capability",
     "get_backend",
     "linear_act",
     "linear_relu",

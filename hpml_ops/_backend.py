@@ -124,10 +124,27 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     return [b for b in order if unavailable_reason(b, dt) is None]
 
 
+def cpu_capability() -> str | None:
+    """The ISA variant of the C++ CPU kernels in use: "DEFAULT", "AVX2" or "AVX512" (None without
+    the extension). Each variant is built from the same source; the one run is the best built that
+    torch's own capability allows (``torch.backends.cpu.get_cpu_capability()``, which
+    ``ATEN_CPU_CAPABILITY`` overrides, as for torch's kernels)."""
+    return _C.cpu_capability() if _C is not None else None
+
+
 def backend_status(device: str | torch.device | None = None) -> dict[str, str]:
-    """For each backend: "available", or the reason it is not, for tensors of ``device``."""
+    """For each backend: "available", or the reason it is not, for tensors of ``device``. For
+    the C++ kernels on CPU tensors: "available: <variant> CPU kernels (...)", naming the ISA
+    variant in use, those built and torch's capability."""
     dt = torch.device(device).type if device is not None else _default_device_type()
-    return {b: unavailable_reason(b, dt) or "available" for b in BACKENDS}
+    status = {b: unavailable_reason(b, dt) or "available" for b in BACKENDS}
+    if dt == "cpu" and status["cpp"] == "available":
+        status["cpp"] = (
+            f"available: {cpu_capability()} CPU kernels (built: "
+            f"{', '.join(_C.cpu_capabilities_built())}; torch's capability: "
+            f"{torch.backends.cpu.get_cpu_capability()})"
+        )
+    return status
 
 
 def get_backend() -> str:
