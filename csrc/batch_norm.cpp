@@ -46,7 +46,15 @@ void reduce_channels(int64_t outer, int64_t C, int64_t inner, const F& f, std::v
   sb.assign(C, 0.0);
   if (outer == 0 || C == 0 || inner == 0) return;
   if (inner == 1) {
-    const int64_t rows = std::max<int64_t>(64, kChunkElems / C);
+    // At least kFlush rows a chunk: each chunk's partials are C doubles twice, written, kept and
+    // merged on one thread; with 64-row chunks a 4096 x 1024 input made 1 MB of them (and flushed
+    // its accumulators into double every 64 rows, not 256): 256-row chunks took its forward from
+    // 1.47-1.54 ms to 1.30-1.36 ms and its backward from 3.1-3.9 to 2.7-2.9 ms, 65536 x 256
+    // unchanged (benchmarks/NOTES.md). Summing 4 rows in registers before each visit of the
+    // accumulators was tried too: it helped the cache-resident shape no further and made the
+    // streaming 65536 x 256 1.5x slower (likely: more concurrent streams than the prefetchers
+    // follow).
+    const int64_t rows = std::max<int64_t>(kFlush, kChunkElems / C);
     const int64_t nchunks = (outer + rows - 1) / rows;
     std::vector<double> pa(nchunks * C), pb(nchunks * C);
     at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
@@ -62,7 +70,8 @@ void reduce_channels(int64_t outer, int64_t C, int64_t inner, const F& f, std::v
           // channels with register accumulators, walking down the rows, ran 2x slower here.)
           std::fill(a.begin(), a.end(), acc_t(0));
           std::fill(b.begin(), b.end(), acc_t(0));
-          for (int64_t r = r0; r < std::min(r_end, r0 + kFlush); ++r) {
+          const int64_t r_stop = std::min(r_end, r0 + kFlush);
+          for (int64_t r = r0; r < r_stop; ++r) {
             for (int64_t c = 0; c < C; c += V) {
               const int64_t n = std::min(V, C - c);
               const auto [va, vb] =

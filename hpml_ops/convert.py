@@ -10,7 +10,7 @@ from torch import nn
 from . import nn as hnn
 from ._backend import CHOICES, use_backend
 from .nn._absorbed import absorb
-from .nn.mlp import ACTIVATION_MODULES, flat_children, parse_layers
+from .nn.mlp import ACTIVATION_MODULES, find_runs, flat_children, parse_layers
 
 # The activations a Linear can absorb, by exact type, and the name linear_act knows them by.
 _LINEAR_ACTIVATIONS: dict[type, str] = {
@@ -57,9 +57,16 @@ def convert(
       every hidden layer (nested ``nn.Sequential`` blocks of those read through):
       ``hpml_ops.nn.FusedMLP`` with the same children, so the same ``state_dict`` keys; its
       forward and backward are one op each (``hpml_ops.mlp``). Not when any of its modules has
-      hooks, sits in more than one place, or has parameters of another dtype; a Sequential with
-      anything else in it (``Dropout``, ``SyncBatchNorm``, a convolution, ...) is not a whole MLP
-      and gets the per-layer fusion below. ``report`` says which and why;
+      hooks, sits in more than one place, or has parameters of another dtype. ``report`` says
+      which and why;
+    - with ``fuse_mlp``, an ``nn.Sequential`` (exact type) with other modules around or between
+      its MLP parts (``Flatten``, ``Dropout``, ``SyncBatchNorm``, a convolution, a change of
+      activation, ...): each maximal run of two layers or more of such modules that may be fused
+      (no hooks, in one place only, fp32/fp64/fp16/bf16) runs as one ``hpml_ops.mlp`` op: the
+      Sequential becomes an ``hpml_ops.nn.FusedRuns`` with the same children (the same
+      ``state_dict`` keys) naming its runs, and its other children get the per-layer fusion
+      below. ``report`` names each run. As for a whole MLP at the top level, a top-level one is
+      replaced: use the returned module;
     - ``nn.Linear`` directly followed, in an ``nn.Sequential``, by ``nn.ReLU``, ``nn.LeakyReLU``
       (its ``negative_slope`` kept), ``nn.Sigmoid`` or ``nn.Tanh``: one ``hpml_ops.nn.FusedLinear``
       with that activation; the activation's slot keeps the activation as an ``AbsorbedReLU`` /
@@ -96,13 +103,16 @@ def convert(
         backend: None (default): the converted modules run on the process-wide backend choice
             (``hpml_ops.use_backend``, ``HPML_BACKEND``); "cpp", "triton", "reference" or "auto":
             they always run on that backend (their ``backend`` attribute).
-        fuse_mlp: replace whole-MLP ``nn.Sequential`` blocks by ``FusedMLP`` (True) or keep to
-            the per-layer fusion everywhere (False).
+        fuse_mlp: replace whole-MLP ``nn.Sequential`` blocks by ``FusedMLP`` and fuse the runs
+            inside others (``FusedRuns``) (True), or keep to the per-layer fusion everywhere
+            (False).
         report: a list to which convert appends one line per ``nn.Sequential`` it looked at:
-            fused into a ``FusedMLP``, or left to the per-layer ops and why.
+            fused into a ``FusedMLP``, its runs fused (one line per run), or left to the
+            per-layer ops and why.
 
     Returns:
-        ``model``, converted in place (or the replacement of a bare module, see above).
+        ``model``, converted in place (or the replacement of a bare module or of a top-level
+        ``nn.Sequential``, see above).
 
     Raises:
         ValueError: ``backend`` is not None or one of the backend names.
@@ -126,8 +136,8 @@ def convert(
     memo: dict[int, nn.Module] = {}
     ctx = _Ctx(backend, uses, memo, fuse_mlp, report)
     top = _fused_mlp(model, "", ctx) or _convert_one(model, None, backend, memo)
-    if top is None:
-        _walk(model, "", ctx, set())
+    if top is None or type(top) is hnn.FusedRuns:
+        _walk(top or model, "", ctx, set())
     del alive
     return model if top is None else top
 
@@ -154,6 +164,9 @@ def _fused_mlp(seq: nn.Module, path: str, ctx: _Ctx) -> nn.Module | None:
     names = ", ".join(type(m).__name__ for m in mods)
     why = None
     if parse_layers(mods) is None:
+        runs = _fused_runs(seq, path, ctx)
+        if runs is not None:
+            return runs
         why = (
             f"{names} is not Linear, [BatchNorm1d], activation, ..., Linear, [activation] with "
             "one activation for every hidden layer"
@@ -178,6 +191,48 @@ def _fused_mlp(seq: nn.Module, path: str, ctx: _Ctx) -> nn.Module | None:
     _take_over(new, seq)  # the same children already; its flags and attributes
     ctx.say(path, f"{names} -> FusedMLP")
     return new
+
+
+def _fused_runs(seq: nn.Module, path: str, ctx: _Ctx) -> nn.Module | None:
+    """``seq`` (an exact ``nn.Sequential``, not a whole MLP) as a ``FusedRuns`` (same children,
+    attributes and flags) whose runs are the maximal runs of modules that may be fused
+    (``find_runs``: no hooks, in one place only, fp32/fp64/fp16/bf16), or None when it has no
+    such run of two layers or more. Its other children are converted by ``_walk``."""
+    mods = list(seq._modules.values())
+
+    def eligible(m: nn.Module) -> bool:
+        return (
+            not _has_hooks(m)
+            and (type(m) in _STATELESS or ctx.uses.get(id(m), 0) == 1)
+            and all(
+                t.dtype in _DTYPES
+                for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+                if t.is_floating_point()
+            )
+        )
+
+    runs = find_runs(mods, eligible) if None not in mods else []
+    if not runs:
+        return None
+    names = list(seq._modules)
+    new = hnn.FusedRuns(
+        OrderedDict(seq._modules),
+        runs=[(names[i], names[j - 1]) for i, j in runs],
+        backend=ctx.backend,
+    )
+    _take_over(new, seq)
+    for i, j in runs:
+        kinds = ", ".join(type(m).__name__ for m in mods[i:j])
+        ctx.say(path, f"{names[i]}-{names[j - 1]} ({kinds}) -> one hpml_ops.mlp op (FusedRuns)")
+    return new
+
+
+def _run_members(m: nn.Module) -> frozenset[str]:
+    """The names of the children of a ``FusedRuns`` that its runs hold (left as they are)."""
+    if type(m) is not hnn.FusedRuns:
+        return frozenset()
+    names = list(m._modules)
+    return frozenset(n for a, b in m.runs for n in names[names.index(a) : names.index(b) + 1])
 
 
 def _count_uses(model: nn.Module) -> dict[int, int]:
@@ -205,27 +260,33 @@ def _walk(module: nn.Module, path: str, ctx: _Ctx, seen: set[int]) -> None:
     if id(module) in seen:
         return
     seen.add(id(module))
-    if _runs_in_order(module):
-        _fuse_sequential(module, ctx.backend, ctx.uses, ctx.memo)
+    # A FusedRuns' runs stay as they are; its other children are fused and converted as any
+    # nn.Sequential's.
+    members = _run_members(module)
+    if _runs_in_order(module) or members:
+        _fuse_sequential(module, ctx.backend, ctx.uses, ctx.memo, members)
     for name, child in list(module._modules.items()):
-        if child is None:
+        if child is None or name in members:
             continue
         child_path = f"{path}.{name}" if path else name
         new = _fused_mlp(child, child_path, ctx) or _convert_one(child, None, ctx.backend, ctx.memo)
         if new is not None:
             module._modules[name] = new
-        else:
-            _walk(child, child_path, ctx, seen)
+        if new is None or type(new) is hnn.FusedRuns:
+            _walk(new or child, child_path, ctx, seen)
 
 
-def _fuse_sequential(seq: nn.Sequential, backend, uses, memo) -> None:
-    """Fuse each (Linear | BatchNorm, activation) pair of neighbouring slots of ``seq``."""
+def _fuse_sequential(seq: nn.Sequential, backend, uses, memo, skip=frozenset()) -> None:
+    """Fuse each (Linear | BatchNorm, activation) pair of neighbouring slots of ``seq`` (none
+    of them named in ``skip``)."""
     names = list(seq._modules)
     i = 0
     while i < len(names) - 1:
         m, act = seq._modules[names[i]], seq._modules[names[i + 1]]
         fusable = (
-            m is not None
+            names[i] not in skip
+            and names[i + 1] not in skip
+            and m is not None
             and act is not None
             and uses.get(id(m), 0) == 1
             and not _has_hooks(act)

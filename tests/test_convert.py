@@ -13,7 +13,7 @@ from torch import nn
 
 import hpml_ops
 from hpml_ops.nn._absorbed import AbsorbedTanh
-from tests.helpers import DEVICE, TOL, backend_params
+from tests.helpers import DEVICE, TOL, assert_close_to_oracle, backend_params
 
 FP32_ATOL, FP32_RTOL = TOL[torch.float32]
 
@@ -130,23 +130,30 @@ def test_mlp_matches_original(backend, fuse_mlp):
     original = copy.deepcopy(model)
     report: list[str] = []
     converted = hpml_ops.convert(model, fuse_mlp=fuse_mlp, report=report)
-    assert converted is model
-    if fuse_mlp:  # the top level mixes activations: per layer; the nested block is a whole MLP
+    if fuse_mlp:
+        # The top level is not a whole MLP (a nested block, a lone Linear after it) but starts
+        # with a run of two layers: a FusedRuns (returned: the top-level module is replaced, as a
+        # whole-MLP one is by a FusedMLP); the nested block is a whole MLP; the lone Linear is
+        # converted alone.
+        assert type(converted) is hpml_ops.nn.FusedRuns and converted.runs == [("0", "3")]
         assert _count(converted) == {
-            "Sequential": 1,
-            "FusedLinear[relu]": 1,
-            "FusedLinear[leaky_relu]": 1,
+            "FusedRuns": 1,
+            "Linear": 4,
+            "ReLU": 1,
+            "LeakyReLU": 1,
             "FusedMLP": 1,
-            "Linear": 2,
             "Tanh": 1,
             "Sigmoid": 1,
             "FusedLinear[none]": 1,
-            "AbsorbedReLU": 1,
-            "AbsorbedLeakyReLU": 1,
         }
-        assert report[0].startswith("(model): left to the per-layer ops: Linear, ReLU, Linear,")
-        assert report[1:] == ["4: Linear, Tanh, Linear, Sigmoid -> FusedMLP"]
+        assert report == [
+            "(model): 0-3 (Linear, ReLU, Linear, LeakyReLU) -> one hpml_ops.mlp op (FusedRuns)",
+            "4: Linear, Tanh, Linear, Sigmoid -> FusedMLP",
+        ]
+        assert converted[3].negative_slope == 0.2
     else:
+        assert converted is model
+        assert converted[2].negative_slope == 0.2
         assert report == []
         assert _count(converted) == {
             "Sequential": 2,
@@ -160,7 +167,6 @@ def test_mlp_matches_original(backend, fuse_mlp):
             "AbsorbedTanh": 1,
             "AbsorbedSigmoid": 1,
         }
-    assert converted[2].negative_slope == 0.2
     x = torch.randn(17, 12, device=DEVICE)
     target = torch.rand(17, 3, device=DEVICE)
     _assert_same_training(converted, original, x, target, backend)
@@ -465,6 +471,150 @@ def test_fuse_mlp_replaces_whole_mlps_and_says_what_it_leaves():
     assert "SyncBatchNorm" in why["d"]
     assert "Dropout" in why["e"]
     assert why["e.0"] == why["f"] == "Linear, BatchNorm1d, ReLU, Linear -> FusedMLP"
+
+
+def _with_runs() -> nn.Sequential:
+    """An MLP with a Flatten before it, a Dropout inside, a change of activation and a batch norm
+    on its last layer: two runs (1-6 and 8-11) and per-layer modules around them."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(12, 16),
+        nn.ReLU(),
+        nn.Linear(16, 9),
+        nn.BatchNorm1d(9),
+        nn.ReLU(),
+        nn.Linear(9, 7),
+        nn.Dropout(0.25),
+        nn.Linear(7, 5),
+        nn.Tanh(),
+        nn.Linear(5, 4),
+        nn.Tanh(),
+        nn.Linear(4, 3),
+        nn.BatchNorm1d(3),
+        nn.ReLU(),
+    )
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("backend", backend_params(op="mlp"))
+def test_runs_inside_a_sequential_are_fused(backend, mode):
+    """Issue 12: convert fuses each maximal run of Linear, [BatchNorm1d], activation, ..., Linear
+    inside a larger nn.Sequential into one hpml_ops.mlp op (a FusedRuns with the same children:
+    the same state_dict keys, loading both ways) and converts the rest per layer; training steps
+    (Dropout with the same random draws) give torch's outputs, gradients and running statistics."""
+    torch.manual_seed(3)
+    model = _with_runs().to(DEVICE)
+    getattr(model, mode)()
+    original = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    report: list[str] = []
+    converted = hpml_ops.convert(model, report=report)
+    assert type(converted) is hpml_ops.nn.FusedRuns
+    assert converted.runs == [("1", "6"), ("8", "11")]
+    assert report == [
+        "(model): 1-6 (Linear, ReLU, Linear, BatchNorm1d, ReLU, Linear) -> one hpml_ops.mlp op "
+        "(FusedRuns)",
+        "(model): 8-11 (Linear, Tanh, Linear, Tanh) -> one hpml_ops.mlp op (FusedRuns)",
+    ]
+    # The runs keep torch's modules; the rest is converted (Linear alone, BatchNorm1d + ReLU).
+    assert [type(m).__name__ for m in converted][:12] == [type(m).__name__ for m in original][:12]
+    assert type(converted[12]) is hpml_ops.nn.FusedLinear
+    assert type(converted[13]) is hpml_ops.nn.BatchNorm1d and converted[13].activation == "relu"
+    assert list(converted.state_dict()) == keys
+    converted.load_state_dict(original.state_dict())
+    original.load_state_dict(converted.state_dict())
+    x = torch.randn(10, 3, 4, device=DEVICE)
+    target = torch.rand(10, 3, device=DEVICE)
+    oracle = copy.deepcopy(original).double()
+    for _ in range(2):  # two steps: the running statistics after each
+        runs = []
+        for m, inp, tgt in ((oracle, x.double(), target.double()), (original, x, target)):
+            torch.manual_seed(7)  # the same Dropout draws in every run
+            runs.append((_step(m, nn.MSELoss(), inp, tgt), m))
+        torch.manual_seed(7)
+        with hpml_ops.use_backend(backend):
+            runs.append((_step(converted, nn.MSELoss(), x, target), converted))
+        # Against torch in float64, torch's own fp32 error the yardstick (the bias before the
+        # last batch norm has a gradient of rounding noise only, in torch's fp32 too).
+        (ref, m64), (same, m32), (ours, mine) = runs
+        for what, o, r, t in zip(("output", "loss", "input grad"), ours, ref, same, strict=True):
+            assert_close_to_oracle(o, r, t, what=what)
+        for (name, p), q, t in zip(
+            mine.named_parameters(), m64.parameters(), m32.parameters(), strict=True
+        ):
+            assert_close_to_oracle(p.grad, q.grad, t.grad, what=f"grad {name}")
+        for (name, b), c, t in zip(mine.named_buffers(), m64.buffers(), m32.buffers(), strict=True):
+            if b.is_floating_point():
+                assert_close_to_oracle(b, c, t, what=name)
+            else:
+                assert torch.equal(b, c), name
+
+
+def test_runs_use_one_op_and_fall_back_when_they_must():
+    """Each run is one hpml::mlp call forward (and one hpml::mlp_backward); a hook on a run's
+    module, added after convert, makes that run go module by module (the hook sees its module's
+    own output); a run whose child was replaced by something else does too."""
+    torch.manual_seed(4)
+    model = _with_runs().eval()
+    converted = hpml_ops.convert(copy.deepcopy(model))
+    x = torch.randn(6, 3, 4, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        converted(x).sum().backward()
+    names = [e.name for e in prof.events()]
+    assert names.count("hpml::mlp") == 2 and names.count("hpml::mlp_backward") == 2
+    seen = []
+    converted[3].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    torch.testing.assert_close(converted(x), model(x), atol=FP32_ATOL, rtol=FP32_RTOL)
+    assert seen == [torch.Size([6, 9])]
+    converted[9] = nn.Sigmoid()  # 8-11 is now Linear, Sigmoid, Linear, Tanh: still one op
+    model[9] = nn.Sigmoid()
+    torch.testing.assert_close(converted(x), model(x), atol=FP32_ATOL, rtol=FP32_RTOL)
+    converted[11] = nn.GELU()  # no longer an MLP hpml_ops.mlp runs: module by module
+    model[11] = nn.GELU()
+    torch.testing.assert_close(converted(x), model(x), atol=FP32_ATOL, rtol=FP32_RTOL)
+
+
+@pytest.mark.parametrize("backend", backend_params(op="mlp", include_reference=False))
+def test_runs_compile_fullgraph(backend):
+    """A FusedRuns compiles with no graph break and gives the numbers it gives eagerly (Dropout
+    at p=0: compiled code draws other random numbers than eager)."""
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    model = _with_runs().to(DEVICE)
+    model[7].p = 0.0
+    converted = hpml_ops.convert(model)
+    eager = copy.deepcopy(converted)
+    x = torch.randn(6, 3, 4, device=DEVICE)
+    with hpml_ops.use_backend(backend):
+        y = torch.compile(converted, fullgraph=True)(x)
+        y.square().sum().backward()
+        y_ref = eager(x)
+        y_ref.square().sum().backward()
+    tol = {"atol": FP32_ATOL, "rtol": FP32_RTOL}
+    torch.testing.assert_close(y, y_ref, **tol)
+    for (name, p), q in zip(converted.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    for (name, b), c in zip(converted.named_buffers(), eager.buffers(), strict=True):
+        torch.testing.assert_close(b, c, **tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_runs_leave_out_what_they_cannot_fuse():
+    """A module with hooks or in two places ends a run; a Sequential whose runs are all a single
+    layer stays a Sequential (per-layer fusion); convert(fuse_mlp=False) makes no FusedRuns."""
+    shared = nn.Linear(5, 5)
+    hooked = nn.Linear(5, 5)
+    hooked.register_forward_hook(lambda m, i, o: None)
+    model = nn.Module()
+    model.a = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), hooked, nn.ReLU(), nn.Linear(5, 2))
+    model.b = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), shared, nn.ReLU(), shared, nn.Dropout())
+    model.c = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 5), nn.ReLU(), nn.Dropout())
+    model.d = copy.deepcopy(model.c)
+    model.c.eval()
+    hpml_ops.convert(model.d, fuse_mlp=False)
+    hpml_ops.convert(model)
+    assert type(model.a) is nn.Sequential and type(model.b) is nn.Sequential
+    assert type(model.c) is hpml_ops.nn.FusedRuns and model.c.runs == [("0", "3")]
+    assert type(model.d) is nn.Sequential and type(model.d[0]) is hpml_ops.nn.FusedLinear
 
 
 @pytest.mark.parametrize("fuse_mlp", [False, True], ids=["per-layer", "fuse-mlp"])

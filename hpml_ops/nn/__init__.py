@@ -4,7 +4,7 @@
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .bce_with_logits import BCEWithLogitsLoss
 from .linear_act import FusedLinear
-from .mlp import FusedMLP
+from .mlp import FusedMLP, FusedRuns
 from .sync_batch_norm import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "BatchNorm3d",
     "FusedLinear",
     "FusedMLP",
+    "FusedRuns",
     "SyncBatchNorm",
     "convert_sync_batchnorm",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.fx._symbolic_trace import is_fx_tracing
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ..constants import ACTIVATIONS
@@ -82,6 +82,34 @@ def parse_layers(modules) -> dict | None:
     }
 
 
+def find_runs(modules, eligible=None) -> list[tuple[int, int]]:
+    """The maximal runs ``[i, j)`` of ``modules`` (a flat list, as an ``nn.Sequential``'s
+    children) that ``hpml_ops.mlp`` runs as one op: ``Linear, [BatchNorm1d], activation, ...,
+    Linear, [activation]`` (``parse_layers``) with two layers or more, every module in it
+    ``eligible`` (default: all), exact types. Greedy from the left: each run is the longest that
+    starts at its first Linear; what is left between runs is not in any."""
+    mods = list(modules)
+
+    def ok(k: int, kinds) -> bool:
+        return k < len(mods) and type(mods[k]) in kinds and (eligible is None or eligible(mods[k]))
+
+    runs, i = [], 0
+    while i < len(mods):
+        ends, j = [], i
+        while ok(j, (nn.Linear,)):
+            j += 1
+            j += ok(j, (nn.BatchNorm1d,))
+            j += ok(j, ACTIVATION_MODULES)
+            ends.append(j)
+        end = next((e for e in reversed(ends[1:]) if parse_layers(mods[i:e]) is not None), None)
+        if end is None:
+            i += 1
+        else:
+            runs.append((i, end))
+            i = end
+    return runs
+
+
 class FusedMLP(nn.Sequential):
     """Drop-in for an ``nn.Sequential`` of ``Linear, [BatchNorm1d], activation, ...,
     Linear, [activation]``: the same children (modules, parameters, buffers), so the same
@@ -113,65 +141,154 @@ class FusedMLP(nn.Sequential):
 
     def _layers(self) -> dict | None:
         """parse_layers of the current children, cached while they stay the same modules, with
-        what every call needs ready: activation codes, batch-norm flags, the batch-norm
-        modules."""
-        mods = flat_children(self._modules.values())
-        key = tuple(map(id, mods))
-        cached = self.__dict__.get("_hpml_layers")
-        if cached is None or cached[0] != key:
-            spec = parse_layers(mods)
-            if spec is not None:
-                spec["codes"] = (
-                    ACTIVATIONS[spec["activation"]],
-                    ACTIVATIONS[spec["output_activation"]],
-                )
-                spec["flags"] = [bn is not None for bn in spec["bns"]]
-                spec["present"] = [bn for bn in spec["bns"] if bn is not None]
-                spec["modules"] = mods
-            cached = (key, spec, {})
-            self.__dict__["_hpml_layers"] = cached
-        return cached[1]
+        what every call needs ready (``_prepared``)."""
+        return _prepared(self.__dict__, "_hpml_layers", flat_children(self._modules.values()))
 
     def forward(self, input: Tensor) -> Tensor:
         spec = self._layers()
-        if spec is None or _hooked(spec["modules"]) or is_fx_tracing():
+        if spec is None or _hooked(spec["modules"]) or is_fx_symbolic_tracing():
             # torch.fx traces the children (torch's own modules, leaves to it) one by one.
             return super().forward(input)
-        bns = spec["present"]
-        # One op for the whole net needs one mode and one eps for every batch norm, and (N, C)
-        # input; otherwise the modules run one by one, as nn.Sequential runs them.
-        training, eps = False, 1e-5
-        if bns:
-            first = bns[0]
-            training = first.training or (first.running_mean is None and first.running_var is None)
-            eps = first.eps
-            for bn in bns:
-                mode = bn.training or (bn.running_mean is None and bn.running_var is None)
-                if mode != training or bn.eps != eps:
-                    return super().forward(input)
-            if input.dim() != 2:
-                return super().forward(input)
-        none = _empty(self, input)
-        weights = [_tensor(lin, "weight") for lin in spec["linears"]]
-        biases = [_tensor(lin, "bias", none) for lin in spec["linears"]]
-        bn_w, bn_b, r_m, r_v = [], [], [], []
-        for bn in spec["bns"]:
-            if bn is None:
-                bn_w.append(none), bn_b.append(none), r_m.append(none), r_v.append(none)
-                continue
-            bn_w.append(_tensor(bn, "weight", none))
-            bn_b.append(_tensor(bn, "bias", none))
-            stats = not bn.training or bn.track_running_stats  # as _BatchNorm.forward passes them
-            r_m.append(_tensor(bn, "running_mean", none) if stats else none)
-            r_v.append(_tensor(bn, "running_var", none) if stats else none)
-        act, out_act = spec["codes"]
-        return run(
-            input, weights, biases, spec["flags"], bn_w, bn_b, r_m, r_v, training, float(eps),
-            act, float(spec["negative_slope"]), out_act, _momenta(spec["bns"]), self.backend,
-        )  # fmt: skip
+        return _run_layers(spec, input, self.backend, super().forward)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend}" if self.backend is not None else ""
+
+
+class FusedRuns(nn.Sequential):
+    """Drop-in for an ``nn.Sequential`` with other modules around or between its MLP parts
+    (``Flatten, Linear, ReLU, Linear, BatchNorm1d, ReLU, Linear, Dropout, Linear``): each run of
+    ``Linear, [BatchNorm1d], activation, ..., Linear, [activation]`` named in ``runs`` (two layers
+    or more) runs as one ``hpml_ops.mlp`` op forward and one backward, as in ``FusedMLP``, and
+    every other child as ``nn.Sequential`` runs it. The same children, so the same ``state_dict``
+    key for key. ``convert`` makes one, with the maximal runs of modules it may fuse (see
+    ``find_runs``), for an ``nn.Sequential`` that is not a whole MLP.
+
+    Args:
+        runs: ``(first, last)`` child names of each run, inclusive; None: every maximal run.
+        backend: None (default) runs on the process-wide choice; a name on that backend.
+
+    A run whose children no longer form an MLP (one was replaced), one with a hook on a child,
+    or whose batch norms differ in mode or eps, or that gets other than 2-D input with batch norm,
+    runs module by module, as ``nn.Sequential`` would.
+    """
+
+    backend: str | None = None
+
+    def __init__(self, *args, runs=None, backend: str | None = None) -> None:
+        super().__init__(*args)
+        names = list(self._modules)
+        if runs is None:
+            runs = [(names[i], names[j - 1]) for i, j in find_runs(self._modules.values())]
+        for first, last in runs:
+            if first not in self._modules or last not in self._modules:
+                raise ValueError(f"FusedRuns: run ({first!r}, {last!r}) names a missing child")
+            if names.index(last) <= names.index(first):
+                raise ValueError(f"FusedRuns: run ({first!r}, {last!r}) is not in order")
+        self.runs = [(str(a), str(b)) for a, b in runs]
+        self.backend = check_backend(backend, "FusedRuns")
+
+    def _segments(self) -> list:
+        """The children in order, each run as one entry (its names and modules), cached while the
+        children and runs stay the same."""
+        names = list(self._modules)
+        key = (tuple(map(id, self._modules.values())), tuple(self.runs))
+        cached = self.__dict__.get("_hpml_segments")
+        if cached is None or cached[0] != key:
+            starts = {names.index(a): names.index(b) + 1 for a, b in self.runs}
+            segs, i = [], 0
+            while i < len(names):
+                j = starts.get(i, i + 1)
+                segs.append([self._modules[n] for n in names[i:j]])
+                i = j
+            cached = (key, segs, {})
+            self.__dict__["_hpml_segments"] = cached
+        return cached[1]
+
+    def forward(self, input: Tensor) -> Tensor:
+        if is_fx_symbolic_tracing():
+            return super().forward(input)
+        x = input
+        for k, mods in enumerate(self._segments()):
+            if len(mods) == 1:
+                x = mods[0](x)
+                continue
+            spec = _prepared(self.__dict__["_hpml_segments"][2], k, mods)
+            if spec is None or _hooked(mods):
+                for m in mods:
+                    x = m(x)
+            else:
+                x = _run_layers(spec, x, self.backend, lambda t, mods=mods: _in_order(mods, t))
+        return x
+
+    def extra_repr(self) -> str:
+        runs = ", ".join(f"{a}-{b}" for a, b in self.runs)
+        return f"runs=[{runs}]" + (f", backend={self.backend}" if self.backend is not None else "")
+
+
+def _in_order(mods, x):
+    for m in mods:
+        x = m(x)
+    return x
+
+
+def _prepared(store: dict, key, mods) -> dict | None:
+    """parse_layers of ``mods`` with what every call needs ready (activation codes, batch-norm
+    flags, the batch-norm modules, a per-device stand-in for None), cached in ``store[key]``
+    while ``mods`` stay the same modules."""
+    ids = tuple(map(id, mods))
+    cached = store.get(key)
+    if cached is None or cached[0] != ids:
+        spec = parse_layers(mods)
+        if spec is not None:
+            spec["codes"] = (
+                ACTIVATIONS[spec["activation"]],
+                ACTIVATIONS[spec["output_activation"]],
+            )
+            spec["flags"] = [bn is not None for bn in spec["bns"]]
+            spec["present"] = [bn for bn in spec["bns"] if bn is not None]
+            spec["modules"] = list(mods)
+            spec["empty"] = {}
+        cached = (ids, spec)
+        store[key] = cached
+    return cached[1]
+
+
+def _run_layers(spec: dict, input: Tensor, backend, fallback) -> Tensor:
+    """The layers of ``spec`` (``_prepared``) on ``input`` as one op, or ``fallback(input)``
+    (module by module) where one op cannot run them."""
+    bns = spec["present"]
+    # One op for the whole net needs one mode and one eps for every batch norm, and (N, C)
+    # input; otherwise the modules run one by one, as nn.Sequential runs them.
+    training, eps = False, 1e-5
+    if bns:
+        first = bns[0]
+        training = first.training or (first.running_mean is None and first.running_var is None)
+        eps = first.eps
+        for bn in bns:
+            mode = bn.training or (bn.running_mean is None and bn.running_var is None)
+            if mode != training or bn.eps != eps:
+                return fallback(input)
+        if input.dim() != 2:
+            return fallback(input)
+    none = _empty(spec["empty"], input)
+    weights = [_tensor(lin, "weight") for lin in spec["linears"]]
+    biases = [_tensor(lin, "bias", none) for lin in spec["linears"]]
+    bn_w, bn_b, r_m, r_v = [], [], [], []
+    for bn in spec["bns"]:
+        if bn is None:
+            bn_w.append(none), bn_b.append(none), r_m.append(none), r_v.append(none)
+            continue
+        bn_w.append(_tensor(bn, "weight", none))
+        bn_b.append(_tensor(bn, "bias", none))
+        stats = not bn.training or bn.track_running_stats  # as _BatchNorm.forward passes them
+        r_m.append(_tensor(bn, "running_mean", none) if stats else none)
+        r_v.append(_tensor(bn, "running_var", none) if stats else none)
+    act, out_act = spec["codes"]
+    return run(
+        input, weights, biases, spec["flags"], bn_w, bn_b, r_m, r_v, training, float(eps),
+        act, float(spec["negative_slope"]), out_act, _momenta(spec["bns"]), backend,
+    )  # fmt: skip
 
 
 def _tensor(m: nn.Module, name: str, none=None):
@@ -194,12 +311,11 @@ def _hooked(mods) -> bool:
     )
 
 
-def _empty(module: FusedMLP, input: Tensor) -> Tensor:
+def _empty(cache: dict, input: Tensor) -> Tensor:
     """The ops' stand-in for None: an empty (0, 0) tensor on the input's device, kept per device
-    with the module's cached layers."""
+    in ``cache`` (a spec's)."""
     if not isinstance(input, Tensor):
         return None  # the op's argument check names the input
-    cache = module.__dict__["_hpml_layers"][2]
     t = cache.get(input.device)
     if t is None:
         t = cache[input.device] = input.new_empty((0, 0))
