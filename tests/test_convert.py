@@ -598,6 +598,46 @@ def test_runs_compile_fullgraph(backend):
         torch.testing.assert_close(b, c, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_runs_under_torch_tools():
+    """A converted model with runs works where torch's own does (issue 15's table): on the meta
+    device, through torch.fx.symbolic_trace, torch.export, torch.func.grad of functional_call
+    (after which it still deep-copies: no functorch wrapper is kept in its caches; FusedMLP too),
+    SyncBatchNorm.convert_sync_batchnorm (the run with a SyncBatchNorm in it then runs module by
+    module) and non-reentrant checkpointing, with torch's numbers."""
+    torch.manual_seed(6)
+    original = _with_runs().eval()
+    converted = hpml_ops.convert(copy.deepcopy(original))
+    x = torch.randn(5, 3, 4)
+    tol = {"atol": FP32_ATOL, "rtol": FP32_RTOL}
+    with torch.device("meta"):
+        y = hpml_ops.convert(_with_runs())(torch.randn(5, 3, 4))
+    assert y.shape == (5, 3) and y.device.type == "meta"
+    torch.testing.assert_close(torch.fx.symbolic_trace(converted)(x), original(x), **tol)
+    exported = torch.export.export(converted, (x,))
+    assert any("hpml" in str(n.target) for n in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(x), original(x), **tol)
+    whole = hpml_ops.convert(nn.Sequential(nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 3)))
+    assert type(whole) is hpml_ops.nn.FusedMLP
+    for model, inp in ((converted, x), (whole, x.flatten(1))):
+
+        def loss(params, model=model, inp=inp):
+            return torch.func.functional_call(model, params, (inp,)).sum()
+
+        params = dict(model.named_parameters())
+        grads = torch.func.grad(loss)(params)
+        assert grads.keys() == params.keys()
+        copy.deepcopy(model)(inp)
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(converted))
+    assert type(synced) is hpml_ops.nn.FusedRuns and type(synced[4]) is nn.SyncBatchNorm
+    torch.testing.assert_close(synced(x), original(x), **tol)
+    train, ref = copy.deepcopy(converted).train(), copy.deepcopy(original).train()
+    train[7].p = ref[7].p = 0.0
+    xi, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.utils.checkpoint.checkpoint(train, xi, use_reentrant=False).sum().backward()
+    ref(xr).sum().backward()
+    torch.testing.assert_close(xi.grad, xr.grad, **tol)
+
+
 def test_runs_leave_out_what_they_cannot_fuse():
     """A module with hooks or in two places ends a run; a Sequential whose runs are all a single
     layer stays a Sequential (per-layer fusion); convert(fuse_mlp=False) makes no FusedRuns."""

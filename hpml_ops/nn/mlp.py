@@ -318,7 +318,13 @@ def _empty(cache: dict, input: Tensor) -> Tensor:
         return None  # the op's argument check names the input
     t = cache.get(input.device)
     if t is None:
-        t = cache[input.device] = input.new_empty((0, 0))
+        # Kept only when it is a plain tensor made outside torch.func transforms: one made while
+        # torch.export or a fake mode traces (a FakeTensor, a FunctionalTensor) or from a
+        # functorch wrapper would outlive them in the cache (the module then no longer deep-copies
+        # or runs outside them).
+        t = torch.empty((0, 0), device=input.device)
+        if type(t) is Tensor and not torch._C._are_functorch_transforms_active():
+            cache[input.device] = t
     return t
 
 
