@@ -53,7 +53,21 @@ inline void store(scalar_t* p, const Vectorized<opmath_t<scalar_t>>& v, int64_t 
     if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
       // Round to nearest even, as c10's scalar conversion (a NaN may differ in its payload).
       if (count == Vectorized<acc_t>::size()) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+        // One register of V 16-bit values, stored whole (a Vectorized<BFloat16> holds 2V: a
+        // store of half of it goes through a buffer and a memcpy).
+        const auto h = [&] {
+          if constexpr (std::is_same_v<scalar_t, at::BFloat16>) return at::vec::cvtfp32_bf16(v);
+          else return at::vec::cvtfp32_fp16(v);
+        }();
+#if defined(CPU_CAPABILITY_AVX512)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+#else
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+#endif
+#else
         at::vec::convert_from_float<scalar_t>(v, v).store(p, count);
+#endif
         return;
       }
     }
