@@ -72,9 +72,9 @@ def _cuda_plan() -> tuple[bool, str]:
 CPU_VARIANTS = {
     "default": [],
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
-    # GCC 12's own avx512fintrin.h trips its -Wmaybe-uninitialized (its `__Y = __Y` idiom).
+    # GCC 12's own avx512fintrin.h trips its -W(maybe-)uninitialized (its `__Y = __Y` idiom).
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
-    + ["-Wno-maybe-uninitialized"],
+    + ["-Wno-maybe-uninitialized", "-Wno-uninitialized"],
 }
 
 
@@ -138,7 +138,10 @@ def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     # Every source is compiled for the DEFAULT capability; the CPU kernel files again for each
     # other variant (Build below).
-    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"] + _capability_flags("default")
+    # -Wno-psabi: GCC's note that passing 32-byte vectors by value changed ABI in GCC 4.6, about
+    # at::vec's DEFAULT types (our kernels' own functions, never an interface).
+    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    cxx += _capability_flags("default")
     variants = _cpu_variants()
     _say(
         "CPU kernels built for "

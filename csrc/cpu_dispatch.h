@@ -58,7 +58,11 @@ template <typename Tag, typename R, typename... A>
 struct Trampoline<Tag, R (*)(A...)> {
   static R call(A... args) {
     using Fn = R (*)(A...);
-    return reinterpret_cast<Fn>(Slots<Tag>::fn[active_capability()])(std::forward<A>(args)...);
+    void* f = Slots<Tag>::fn[active_capability()];
+    // Every kernel file is built for the same variants; should one not be, its DEFAULT kernel
+    // runs rather than nothing.
+    if (f == nullptr) f = Slots<Tag>::fn[kDefault];
+    return reinterpret_cast<Fn>(f)(std::forward<A>(args)...);
   }
 };
 

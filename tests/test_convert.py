@@ -572,6 +572,15 @@ def test_runs_use_one_op_and_fall_back_when_they_must():
     converted[11] = nn.GELU()  # no longer an MLP hpml_ops.mlp runs: module by module
     model[11] = nn.GELU()
     torch.testing.assert_close(converted(x), model(x), atol=FP32_ATOL, rtol=FP32_RTOL)
+    del converted[9], model[9]  # a child deleted (the others renumbered): runs by their names
+    torch.testing.assert_close(converted(x), model(x), atol=FP32_ATOL, rtol=FP32_RTOL)
+    with pytest.raises(ValueError, match=r"run \('3', '8'\) overlaps"):
+        hpml_ops.nn.FusedRuns(*_with_runs(), runs=[("1", "6"), ("3", "8")])
+    with pytest.raises(ValueError, match=r"run \('6', '1'\) is not in order"):
+        hpml_ops.nn.FusedRuns(*_with_runs(), runs=[("6", "1")])
+    with pytest.raises(ValueError, match="names a missing child"):
+        hpml_ops.nn.FusedRuns(*_with_runs(), runs=[("1", "99")])
+    assert hpml_ops.nn.FusedRuns(*_with_runs()).runs == [("1", "6"), ("8", "11")]
 
 
 @pytest.mark.parametrize("backend", backend_params(op="mlp", include_reference=False))

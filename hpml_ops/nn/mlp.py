@@ -180,11 +180,17 @@ class FusedRuns(nn.Sequential):
         names = list(self._modules)
         if runs is None:
             runs = [(names[i], names[j - 1]) for i, j in find_runs(self._modules.values())]
+        end = -1
         for first, last in runs:
             if first not in self._modules or last not in self._modules:
                 raise ValueError(f"FusedRuns: run ({first!r}, {last!r}) names a missing child")
             if names.index(last) <= names.index(first):
                 raise ValueError(f"FusedRuns: run ({first!r}, {last!r}) is not in order")
+            if names.index(first) <= end:
+                raise ValueError(
+                    f"FusedRuns: run ({first!r}, {last!r}) overlaps or precedes the one before"
+                )
+            end = names.index(last)
         self.runs = [(str(a), str(b)) for a, b in runs]
         self.backend = check_backend(backend, "FusedRuns")
 
@@ -195,7 +201,13 @@ class FusedRuns(nn.Sequential):
         key = (tuple(map(id, self._modules.values())), tuple(self.runs))
         cached = self.__dict__.get("_hpml_segments")
         if cached is None or cached[0] != key:
-            starts = {names.index(a): names.index(b) + 1 for a, b in self.runs}
+            # Runs whose children were since deleted or reordered are left out (module by module).
+            starts, end = {}, -1
+            for a, b in self.runs:
+                if a in self._modules and b in self._modules:
+                    i, j = names.index(a), names.index(b)
+                    if end < i < j:
+                        starts[i], end = j + 1, j
             segs, i = [], 0
             while i < len(names):
                 j = starts.get(i, i + 1)
