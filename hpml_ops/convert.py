@@ -232,7 +232,7 @@ def _run_members(m: nn.Module) -> frozenset[str]:
     if type(m) is not hnn.FusedRuns:
         return frozenset()
     names = list(m._modules)
-    return frozenset(n for a, b in m.runs for n in names[names.index(a) : names.index(b) + 1])
+    return frozenset(n for i, j in m.run_spans() for n in names[i:j])
 
 
 def _count_uses(model: nn.Module) -> dict[int, int]:

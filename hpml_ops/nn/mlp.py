@@ -201,13 +201,7 @@ class FusedRuns(nn.Sequential):
         key = (tuple(map(id, self._modules.values())), tuple(self.runs))
         cached = self.__dict__.get("_hpml_segments")
         if cached is None or cached[0] != key:
-            # Runs whose children were since deleted or reordered are left out (module by module).
-            starts, end = {}, -1
-            for a, b in self.runs:
-                if a in self._modules and b in self._modules:
-                    i, j = names.index(a), names.index(b)
-                    if end < i < j:
-                        starts[i], end = j + 1, j
+            starts = dict(self.run_spans())
             segs, i = [], 0
             while i < len(names):
                 j = starts.get(i, i + 1)
@@ -216,6 +210,18 @@ class FusedRuns(nn.Sequential):
             cached = (key, segs, {})
             self.__dict__["_hpml_segments"] = cached
         return cached[1]
+
+    def run_spans(self) -> list[tuple[int, int]]:
+        """The runs as child index ranges ``[i, j)``; runs whose children were since deleted or
+        reordered are left out (their modules run one by one)."""
+        names, spans, end = list(self._modules), [], -1
+        for a, b in self.runs:
+            if a in self._modules and b in self._modules:
+                i, j = names.index(a), names.index(b)
+                if end < i < j:
+                    spans.append((i, j + 1))
+                    end = j
+        return spans
 
     def forward(self, input: Tensor) -> Tensor:
         if is_fx_symbolic_tracing():
@@ -227,8 +233,7 @@ class FusedRuns(nn.Sequential):
                 continue
             spec = _prepared(self.__dict__["_hpml_segments"][2], k, mods)
             if spec is None or _hooked(mods):
-                for m in mods:
-                    x = m(x)
+                x = _in_order(mods, x)
             else:
                 x = _run_layers(spec, x, self.backend, lambda t, mods=mods: _in_order(mods, t))
         return x
