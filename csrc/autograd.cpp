@@ -6,8 +6,9 @@
 // 256-120-84-10 net is mostly such calls). The Triton ops keep their Python formulas
 // (hpml_ops/ops/<op>.py), which compute the same thing: both must stay in step.
 //
-// The backward ops have no formula: under create_graph=True the gradients come back first-order
-// only, and a second backward through them raises naming the op (once_differentiable below).
+// The backward ops have no formula: under create_graph=True, when the gradients will themselves
+// be differentiated, each formula computes them from differentiable ATen ops on the saved tensors
+// instead (differentiable_backward below).
 //
 // torch.compile traces through these: AOTAutograd runs the forward under autograd with fake
 // tensors, which records the forward op, and the backward through the saved node, which records
@@ -16,7 +17,6 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
@@ -42,48 +42,6 @@ OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nu
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-// What Python's @once_differentiable does, for the backward ops (which have no formula of their
-// own): the gradients are computed below autograd (the caller holds the guard), and under
-// create_graph=True they come back as first-order results whose backward is an Error node linked
-// to the backward's inputs: differentiating them again raises, naming the op, instead of an
-// error from inside the kernel or a silently missing second-order term.
-//
-// An autograd node is held by std::shared_ptr in older torch (2.11, which the lent GPU machine
-// has) and by c10::intrusive_ptr in newer (2.14, ours): the pointer type is read off
-// Edge::function, and the node made the matching way.
-template <typename Ptr>
-struct NodeMaker;
-template <typename T>
-struct NodeMaker<std::shared_ptr<T>> {
-  template <typename N, typename... Args>
-  static std::shared_ptr<N> make(Args&&... args) {
-    return std::make_shared<N>(std::forward<Args>(args)...);
-  }
-};
-template <typename T, typename NullType>
-struct NodeMaker<c10::intrusive_ptr<T, NullType>> {
-  template <typename N, typename... Args>
-  static c10::intrusive_ptr<N> make(Args&&... args) {
-    return c10::make_intrusive<N>(std::forward<Args>(args)...);
-  }
-};
-using NodePtr = decltype(torch::autograd::Edge{}.function);
-
-variable_list once_differentiable(variable_list grads, const variable_list& inputs,
-                                  const char* op) {
-  if (!torch::autograd::compute_requires_grad(inputs)) return grads;  // also off without grad mode
-  auto err = NodeMaker<NodePtr>::template make<torch::autograd::Error>(
-      std::string(op) + ": its gradient cannot be differentiated (a second backward through "
-                        "create_graph=True is not supported)",
-      torch::autograd::collect_next_edges(inputs));
-  for (auto& g : grads) {
-    if (!g.defined()) continue;
-    g = g.detach();
-    torch::autograd::set_history(g, err);
-  }
-  return grads;
 }
 
 // Under create_graph=True, when a gradient will itself be differentiated (a Hessian, a gradient
@@ -343,6 +301,52 @@ using MlpBwdSig = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at
     const c10::List<bool>&, const c10::List<bool>&, const c10::List<bool>&,
     const c10::List<bool>&);
 
+at::Tensor activate(const at::Tensor& z, Act act, double slope) {
+  switch (act) {
+    case Act::Relu: return at::relu(z);
+    case Act::LeakyRelu: return at::leaky_relu(z, slope);
+    case Act::Sigmoid: return at::sigmoid(z);
+    case Act::Tanh: return at::tanh(z);
+    default: return z;
+  }
+}
+
+// An entry of the op's lists that stands for None: an empty (0, 0) tensor.
+OptTensor given(const at::Tensor& t) {
+  return t.defined() && !(t.dim() == 2 && t.size(0) == 0 && t.size(1) == 0) ? OptTensor(t)
+                                                                             : std::nullopt;
+}
+
+// hpml::mlp's forward again from differentiable ATen ops on the saved inputs, for a backward
+// whose gradients will be differentiated again: batch norm in training from the batch (no running
+// statistics to update), in eval from the mean and 1/std the forward used (saved per hidden layer
+// at 3 and 4 of its six; csrc/mlp.h).
+at::Tensor mlp_recompute(const at::Tensor& input, at::TensorList weights, at::TensorList biases,
+                         const c10::List<bool>& batch_norm, at::TensorList bn_weights,
+                         at::TensorList bn_biases, at::TensorList fwd_saved, bool training,
+                         double eps, Act act, double slope, Act out_act) {
+  constexpr int64_t kSavedPerLayer = 6;
+  const int64_t L = static_cast<int64_t>(weights.size());
+  at::Tensor h = input;
+  for (int64_t i = 0; i < L; ++i) {
+    h = at::linear(h, weights[i], given(biases[i]));
+    if (i == L - 1) break;
+    if (batch_norm.get(i)) {
+      const OptTensor w = given(bn_weights[i]), b = given(bn_biases[i]);
+      if (training) {
+        h = at::batch_norm(h, w, b, {}, {}, /*training=*/true, 0.0, eps, /*cudnn_enabled=*/false);
+      } else {
+        const int64_t s = kSavedPerLayer * i;
+        h = (h - fwd_saved[s + 3].to(h.scalar_type())) * fwd_saved[s + 4].to(h.scalar_type());
+        if (w) h = h * *w;
+        if (b) h = h + *b;
+      }
+    }
+    h = activate(h, act, slope);
+  }
+  return activate(h, out_act, slope);
+}
+
 // Autograd sees the tensors of every list as inputs, in order: input, weights (L), biases (L),
 // bn_weights, bn_biases, running_means, running_vars (L - 1 each).
 class MlpFn : public torch::autograd::Function<MlpFn> {
@@ -364,9 +368,11 @@ class MlpFn : public torch::autograd::Function<MlpFn> {
     keep.insert(keep.end(), weights.begin(), weights.end());
     keep.insert(keep.end(), biases.begin(), biases.end());
     keep.insert(keep.end(), bn_weights.begin(), bn_weights.end());
+    keep.insert(keep.end(), bn_biases.begin(), bn_biases.end());  // (for a second backward)
     keep.insert(keep.end(), saved.begin(), saved.end());
     ctx->save_for_backward(keep);
     ctx->saved_data["L"] = L;
+    ctx->saved_data["eps"] = eps;
     ctx->saved_data["batch_norm"] = batch_norm;
     ctx->saved_data["training"] = training;
     ctx->saved_data["activation"] = activation;
@@ -409,25 +415,55 @@ class MlpFn : public torch::autograd::Function<MlpFn> {
     const at::TensorList weights(saved.data() + 2, L);
     const at::TensorList biases(saved.data() + 2 + L, L);
     const at::TensorList bn_weights(saved.data() + 2 + 2 * L, H);
-    const at::TensorList fwd_saved(saved.data() + 2 + 2 * L + H, saved.size() - (2 + 2 * L + H));
+    const at::TensorList bn_biases(saved.data() + 2 + 2 * L + H, H);
+    const int64_t n_inputs = 2 + 2 * L + 2 * H;
+    const at::TensorList fwd_saved(saved.data() + n_inputs, saved.size() - n_inputs);
+    const auto batch_norm = ctx->saved_data["batch_norm"].toBoolList();
+    const bool training = ctx->saved_data["training"].toBool();
+    const int64_t act = ctx->saved_data["activation"].toInt();
+    const double slope = ctx->saved_data["negative_slope"].toDouble();
+    const int64_t out_act = ctx->saved_data["output_activation"].toInt();
+    variable_list differentiable{grads[0], input};
+    differentiable.insert(differentiable.end(), saved.begin() + 2, saved.begin() + n_inputs);
+    if (differentiable_backward(differentiable)) {
+      // The gradients will be differentiated again: the net from differentiable ATen ops on the
+      // saved inputs, differentiated with a graph (as the other ops' formulas do).
+      const at::Tensor y = mlp_recompute(input, weights, biases, batch_norm, bn_weights, bn_biases,
+                                         fwd_saved, training, ctx->saved_data["eps"].toDouble(),
+                                         static_cast<Act>(act), slope, static_cast<Act>(out_act));
+      variable_list wrt;
+      std::vector<int64_t> at_position;
+      auto want = [&](bool needed, const at::Tensor& t, int64_t position) {
+        if (!needed) return;
+        wrt.push_back(t);
+        at_position.push_back(position);
+      };
+      want(ig, input, 0);
+      for (int64_t i = 0; i < L; ++i) {
+        want(wg.get(i), weights[i], aw + i);
+        want(bg.get(i), biases[i], ab + i);
+      }
+      for (int64_t i = 0; i < H; ++i) {
+        want(bwg.get(i), bn_weights[i], abw + i);
+        want(bbg.get(i), bn_biases[i], abb + i);
+      }
+      const auto g = torch::autograd::grad({y}, wrt, {grads[0]}, /*retain_graph=*/true,
+                                           /*create_graph=*/true, /*allow_unused=*/true);
+      for (size_t k = 0; k < g.size(); ++k) result[at_position[k]] = g[k];
+      return result;
+    }
     variable_list g;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      auto [gx, gw, gb, gbw, gbb] = op.call(
-          grads[0], input, out, weights, biases, ctx->saved_data["batch_norm"].toBoolList(),
-          bn_weights, fwd_saved,
-          ctx->saved_data["training"].toBool(), ctx->saved_data["activation"].toInt(),
-          ctx->saved_data["negative_slope"].toDouble(),
-          ctx->saved_data["output_activation"].toInt(), ig, wg, bg, bwg, bbg);
+      auto [gx, gw, gb, gbw, gbb] =
+          op.call(grads[0], input, out, weights, biases, batch_norm, bn_weights, fwd_saved,
+                  training, act, slope, out_act, ig, wg, bg, bwg, bbg);
       g.push_back(ig ? gx : at::Tensor());
       for (int64_t i = 0; i < L; ++i) g.push_back(wg.get(i) ? gw[i] : at::Tensor());
       for (int64_t i = 0; i < L; ++i) g.push_back(bg.get(i) ? gb[i] : at::Tensor());
       for (int64_t i = 0; i < H; ++i) g.push_back(bwg.get(i) ? gbw[i] : at::Tensor());
       for (int64_t i = 0; i < H; ++i) g.push_back(bbg.get(i) ? gbb[i] : at::Tensor());
     }
-    variable_list differentiable{grads[0], input};
-    differentiable.insert(differentiable.end(), weights.begin(), weights.end());
-    g = once_differentiable(std::move(g), differentiable, HPML_OP("mlp"));
     // g: input, weights, biases, bn_weights, bn_biases, each at its argument's position.
     result[0] = g[0];
     for (int64_t i = 0; i < L; ++i) {

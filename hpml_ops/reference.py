@@ -199,6 +199,40 @@ def batch_norm_grads(grad, input, weight, out, mean, invstd, training: bool, rel
 _REDUCTION_NAMES = {code: name for name, code in REDUCTIONS.items()}
 
 
+def mlp_grads(grad, input, weights, biases, flags, bn_weights, bn_biases, stats, training: bool,
+              eps: float, activation: str, slope: float, output_activation: str, need):  # fmt: skip
+    """(grad input, [grad weight], [grad bias], [grad bn weight], [grad bn bias]) of
+    ``hpml_ops.mlp`` (2-D input), each None unless asked (``need``: a flag and four lists of flags):
+    the net again from torch's ops on the saved inputs (batch norm in training from the batch, in
+    eval from ``stats``: per hidden layer the (mean, 1/std) the forward used), differentiated with
+    a graph."""
+    h = input
+    for i, w in enumerate(weights):
+        h = F.linear(h, w, biases[i])
+        if i == len(weights) - 1:
+            break
+        if flags[i]:
+            bw, bb = bn_weights[i], bn_biases[i]
+            if training:
+                h = F.batch_norm(h, None, None, bw, bb, True, 0.0, eps)
+            else:
+                mean, invstd = stats[i]
+                h = (h - mean.to(h.dtype)) * invstd.to(h.dtype)
+                h = h if bw is None else h * bw
+                h = h if bb is None else h + bb
+        h = _activate(h, activation, slope)
+    y = _activate(h, output_activation, slope)
+    ig, wg, bg, bwg, bbg = need
+    groups = ([input], weights, biases, bn_weights, bn_biases)
+    flags_of = ([ig], wg, bg, bwg, bbg)
+    wrt = [t for ts, fs in zip(groups, flags_of, strict=True)
+           for t, f in zip(ts, fs, strict=True) if f and t is not None]  # fmt: skip
+    found = iter(torch.autograd.grad(y, wrt, grad, create_graph=True, allow_unused=True))
+    out = [[next(found) if f and t is not None else None for t, f in zip(ts, fs, strict=True)]
+           for ts, fs in zip(groups, flags_of, strict=True)]  # fmt: skip
+    return out[0][0], out[1], out[2], out[3], out[4]
+
+
 def bce_with_logits_grads(grad, input, target, weight, pos_weight, reduction: int, need):
     """(grad input, grad target), each None unless asked: torch's own loss on the saved inputs,
     differentiated with a graph."""

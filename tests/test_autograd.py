@@ -59,7 +59,29 @@ def _cases():
             ),
         )
 
+    def mlp(dtype=torch.float32):
+        x, w1, b1, w2 = (
+            rand(13, 11, dtype=dtype),
+            rand(7, 11, dtype=dtype),
+            rand(7, dtype=dtype),
+            rand(3, 7, dtype=dtype),
+        )
+        gamma, beta = rand(7, dtype=dtype), rand(7, dtype=dtype)
+        rm, rv = (
+            torch.zeros(7, device=DEVICE, dtype=dtype),
+            torch.ones(7, device=DEVICE, dtype=dtype),
+        )
+        leaves = [t.requires_grad_() for t in (x, w1, b1, w2, gamma, beta)]
+        return (
+            leaves,
+            lambda: hpml_ops.mlp(
+                x, [w1, w2], [b1, None], "tanh", batch_norm=True, bn_weights=[gamma],
+                bn_biases=[beta], running_means=[rm], running_vars=[rv], training=True,
+            ).square().sum(),
+        )  # fmt: skip
+
     return {
+        "mlp": (mlp, "mlp"),
         "linear_act": (linear, "linear_act"),
         "linear_act_sigmoid": (linear_sigmoid, "linear_act"),
         "bce_with_logits": (bce, "bce_with_logits"),
@@ -180,19 +202,6 @@ def test_create_graph_then_second_order(backend, case):
         assert_close_to_oracle(a, b64, b32, what=f"second-order gradient {i}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_mlp_second_backward_raises(backend):
-    """The whole-network op has no differentiable backward yet: a second backward raises naming
-    the op, instead of an error from inside the kernel or a silently missing term."""
-    torch.manual_seed(3)
-    x = torch.randn(6, 4, device=DEVICE, requires_grad=True)
-    ws = [torch.randn(5, 4, device=DEVICE, requires_grad=True), torch.randn(2, 5, device=DEVICE)]
-    with hpml_ops.use_backend(backend):
-        (g,) = torch.autograd.grad(hpml_ops.mlp(x, ws).square().sum(), [x], create_graph=True)
-        with pytest.raises(RuntimeError, match="cannot be differentiated|no autograd formula"):
-            torch.autograd.grad(g.square().sum(), [x])
-
-
 def _double_cases():
     """name -> (function, fp64 inputs) for gradgradcheck."""
     g = torch.Generator().manual_seed(11)
@@ -229,6 +238,22 @@ def _double_cases():
                 ),
                 (xb, gamma, beta),
             )
+    # The whole network (hpml_ops.mlp): batch norm in training and in eval, every activation.
+    w1, b1, w2, b2, gamma, beta = rand(4, 4), rand(4), rand(2, 4), rand(2), rand(4), rand(4)
+    rm4 = torch.randn(4, generator=g, dtype=torch.float64).to(DEVICE)
+    rv4 = torch.rand(4, generator=g, dtype=torch.float64).to(DEVICE) + 0.5
+    for act, out_act, bn in (("tanh", "none", None), ("leaky_relu", "sigmoid", True),
+                             ("relu", "none", False), ("sigmoid", "tanh", True)):  # fmt: skip
+        cases[f"mlp {act} {out_act} batch_norm training={bn}"] = (
+            lambda x, w1, b1, w2, b2, gamma, beta, a=act, o=out_act, t=bn: hpml_ops.mlp(
+                x, [w1, w2], [b1, b2], a, negative_slope=0.2, output_activation=o,
+                batch_norm=t is not None, bn_weights=[gamma if t is not None else None],
+                bn_biases=[beta if t is not None else None],
+                running_means=[rm4.clone() if t is not None else None],
+                running_vars=[rv4.clone() if t is not None else None], training=bool(t),
+            ),
+            (x, w1, b1, w2, b2, gamma, beta),
+        )  # fmt: skip
     return cases
 
 
@@ -244,18 +269,24 @@ def test_gradgradcheck(backend, case):
         assert torch.autograd.gradgradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("fuse_mlp", [False, True], ids=["pairs", "fused-mlp"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_wgan_gp_penalty_through_a_converted_model(backend):
+def test_wgan_gp_penalty_through_a_converted_model(backend, fuse_mlp):
     """A WGAN-GP critic step (gradient penalty: the input gradient's norm, differentiated again)
-    through a converted model with fused pairs gives torch's parameter gradients."""
+    through a converted model, with fused pairs or as one whole-network op (FusedMLP), gives
+    torch's parameter gradients."""
     from torch import nn
 
     torch.manual_seed(12)
-    critic = nn.Sequential(
-        nn.Linear(4, 8), nn.LeakyReLU(0.2), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)
-    ).to(DEVICE, torch.float64)
-    ours = hpml_ops.convert(copy.deepcopy(critic), backend=backend, fuse_mlp=False)
-    assert type(ours[0]) is hpml_ops.nn.FusedLinear and ours[0].activation == "leaky_relu"
+    second = nn.Tanh() if fuse_mlp else nn.LeakyReLU(0.2)  # (one op: one hidden activation)
+    critic = nn.Sequential(nn.Linear(4, 8), second, nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)).to(
+        DEVICE, torch.float64
+    )
+    ours = hpml_ops.convert(copy.deepcopy(critic), backend=backend, fuse_mlp=fuse_mlp)
+    if fuse_mlp:
+        assert type(ours) is hpml_ops.nn.FusedMLP
+    else:
+        assert type(ours[0]) is hpml_ops.nn.FusedLinear and ours[0].activation == "leaky_relu"
     x = torch.randn(6, 4, device=DEVICE, dtype=torch.float64)
     for model in (critic, ours):
         xi = x.clone().requires_grad_()
@@ -265,3 +296,23 @@ def test_wgan_gp_penalty_through_a_converted_model(backend):
         loss.backward()
     for (name, p), q in zip(critic.named_parameters(), ours.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hessian_of_a_fused_mlp(backend):
+    """torch.autograd.functional.hessian of a loss through a FusedMLP with batch norm (training
+    and eval) with respect to the input: torch's, in float64."""
+    from torch import nn
+
+    torch.manual_seed(13)
+    net = nn.Sequential(
+        nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 2), nn.Sigmoid()
+    ).to(DEVICE, torch.float64)
+    ours = hpml_ops.convert(copy.deepcopy(net), backend=backend)
+    assert type(ours) is hpml_ops.nn.FusedMLP
+    x = torch.randn(4, 3, device=DEVICE, dtype=torch.float64)
+    for training in (True, False):
+        net.train(training), ours.train(training)
+        want = torch.autograd.functional.hessian(lambda t: net(t).square().sum(), x)
+        got = torch.autograd.functional.hessian(lambda t: ours(t).square().sum(), x)
+        torch.testing.assert_close(got, want, msg=f"training={training}")

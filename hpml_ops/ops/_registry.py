@@ -59,6 +59,10 @@ class OpSpec:
         ``AUTOCAST_LOWER``, cast only the first so many arguments.
     fakes: op name -> fake kernel (``@SPEC.fake(op)``): the op's contract checks, then empty
         outputs of the right shapes, dtypes and devices (``torch.compile``, ``opcheck``, meta).
+    vmaps: op name -> batching rule (``@SPEC.vmap(op)``): ``rule(info, in_dims, *args, op=<that
+        backend's op>)`` as ``torch.library.register_vmap`` takes it, registered for the op of
+        every backend; it calls ``op`` once on the batched tensors where one call computes the
+        batch (else ``vmap_by_loop``).
     setup_context_fn, backward_fn: the forward's autograd formula for the Triton ops
         (``@SPEC.setup_context``, ``@SPEC.backward``: ``backward(ctx, *grads, bwd_op=<the
         backward op>)``); the C++ ops carry the same formula in ``csrc/autograd.cpp``, and both
@@ -78,6 +82,7 @@ class OpSpec:
         self.autocast = autocast
         self.autocast_args = autocast_args
         self.fakes: dict[str, Callable] = {}
+        self.vmaps: dict[str, Callable] = {}
         self.setup_context_fn: Callable | None = None
         self.backward_fn: Callable | None = None
 
@@ -87,6 +92,16 @@ class OpSpec:
 
         def add(fn: Callable) -> Callable:
             self.fakes[op] = fn
+            return fn
+
+        return add
+
+    def vmap(self, op: str) -> Callable[[Callable], Callable]:
+        if op not in SCHEMAS[self.name]:
+            raise ValueError(f"OpSpec {self.name!r}: {op!r} is not one of its ops")
+
+        def add(fn: Callable) -> Callable:
+            self.vmaps[op] = fn
             return fn
 
         return add
@@ -144,6 +159,12 @@ class Op:
             and forward_ad._current_level < 0
         )
 
+    def under_vmap(self, backend: str) -> Callable:
+        """``backend``'s forward op itself, for a call under ``torch.vmap`` (only): its batching
+        rule (``OpSpec.vmap``) runs it on the unbatched tensors, below the transform, where its
+        autograd formula works as in eager mode."""
+        return self.pair(backend)[0]
+
     def pair(self, backend: str) -> tuple[torch._ops.OpOverload, torch._ops.OpOverload]:
         """``backend``'s (forward op, backward op)."""
         fwd, bwd = list(self.ops[backend].values())[:2]
@@ -173,6 +194,9 @@ def register(spec: OpSpec) -> Op:
     for backend, overloads in ops.items():
         for op, overload in overloads.items():
             torch.library.register_fake(overload)(spec.fakes[op])
+            if op in spec.vmaps:
+                rule = functools.partial(spec.vmaps[op], op=overload)
+                torch.library.register_vmap(overload, rule)
         fwd, bwd = overloads[names[0]], overloads[names[1]]
         # The C++ libraries (hpml, and hpml_emu built from the same sources) carry the
         # forward's formula in C++ (csrc/autograd.cpp); the Triton ops get the Python one.
@@ -337,10 +361,78 @@ _functorch_active = torch._C._are_functorch_transforms_active
 
 def transforms_active() -> bool:
     """Whether a torch.func transform (grad, vmap, jacrev, jacfwd, jvp, hessian,
-    functional_call under them) or forward-mode AD (``forward_ad.dual_level``) is on. The ops
-    then run as torch's own (the reference backend): our kernels have no batching or forward-mode
-    rules yet, and their C++ autograd formulas cannot run under functorch."""
+    functional_call under them) or forward-mode AD (``forward_ad.dual_level``) is on: then
+    ``torch_ops_needed`` decides how an op runs."""
     return _functorch_active() or forward_ad._current_level >= 0
+
+
+_VMAP = torch._C._functorch.TransformType.Vmap
+_is_batched = torch._C._functorch.is_batchedtensor
+
+
+def torch_ops_needed(*unbatched: Tensor | None) -> bool:
+    """Under ``transforms_active()``: whether the op must run as torch's own (the reference
+    backend) rather than as our op with its batching rule. Our ops run under ``torch.vmap`` alone
+    (nested or not; autograd outside it as usual) when none of ``unbatched`` (the operands one
+    call cannot batch, e.g. a linear layer's weight) is batched. Under the other transforms
+    (grad, jvp, jacrev, jacfwd, hessian, functionalize), forward-mode AD or torch.compile they run
+    as torch's: our kernels have no forward-mode formulas, and their autograd formulas (C++
+    ``torch::autograd::Function``) cannot run under functorch's grad transforms."""
+    if forward_ad._current_level >= 0 or torch.compiler.is_compiling():
+        return True
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    if any(level.key() != _VMAP for level in stack):
+        return True
+    return any(t is not None and _is_batched(t) for t in unbatched)
+
+
+def update_running(running: Tensor, batch: Tensor, momentum: float) -> None:
+    """``running = (1 - momentum) running + momentum batch`` in place (under no_grad), written
+    ``running + momentum (batch - running)``: one op instead of two (the same value to an ulp; the
+    small layers of a training step are all call overhead). Under vmap, where ``lerp_`` has no
+    batching rule, torch's own two."""
+    batch = batch if batch.dtype == running.dtype else batch.to(running.dtype)
+    if _functorch_active():
+        running.mul_(1 - momentum).add_(batch, alpha=momentum)
+    else:
+        running.lerp_(batch, momentum)
+
+
+def vmap_by_loop(info, in_dims, args, op):
+    """A batching rule's fallback where one call cannot compute the batch: ``op`` once per batch
+    element, the outputs stacked along dimension 0 (what torch does for an op without a batching
+    rule). ``args`` and ``in_dims`` as the rule got them (lists for ``Tensor[]`` arguments)."""
+
+    def take(a, d, i):
+        if isinstance(a, list | tuple) and isinstance(d, list | tuple):
+            return [take(t, e, i) for t, e in zip(a, d, strict=True)]
+        return a if d is None else a.select(d, i)
+
+    outs = [
+        op(*(take(a, d, i) for a, d in zip(args, in_dims, strict=True)))
+        for i in range(info.batch_size)
+    ]
+
+    def stack(items):
+        if isinstance(items[0], list | tuple):
+            return [stack(list(group)) for group in zip(*items, strict=True)]
+        return torch.stack(items)
+
+    def zeros(out):
+        return [zeros(o) for o in out] if isinstance(out, list) else 0
+
+    if isinstance(outs[0], tuple):
+        result = tuple(stack([o[j] for o in outs]) for j in range(len(outs[0])))
+        return result, tuple(zeros(r) for r in result)
+    return stack(outs), 0
+
+
+def vmap_rows(t: Tensor, batch: int) -> tuple[Tensor, int | None]:
+    """An output of a call on ``batch`` blocks of rows stacked along dimension 0: as the batch of
+    ``batch`` such outputs along dimension 0; a 1-D empty output (an absent one) unbatched."""
+    if t.dim() == 1 and t.numel() == 0:
+        return t, None
+    return t.reshape(batch, t.shape[0] // batch, *t.shape[1:]), 0
 
 
 def autocast_on(device_type: str) -> bool:

@@ -18,7 +18,14 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 from .. import reference
 from ..constants import ACTIVATIONS, BN_ACTIVATIONS, acc_dtype, activation_code
 from . import _checks as check
-from ._registry import OpSpec, on_device, register, transforms_active
+from ._registry import (
+    OpSpec,
+    on_device,
+    register,
+    torch_ops_needed,
+    transforms_active,
+    update_running,
+)
 
 _OP = "batch_norm"
 _RELU = ACTIVATIONS["relu"]
@@ -187,19 +194,43 @@ def _run(
             return input.clone()
         check_args(*args, training, eps, code)
         backend = OP.resolve(input.device, backend)
-        if backend == "reference" or transforms_active():
+        transformed = transforms_active()  # under torch.vmap alone: our op, its batching rule
+        if backend == "reference" or (transformed and torch_ops_needed()):
             return OP.reference(
                 input, running_mean, running_var, weight, bias, training, momentum, eps, activation
             )
-        out, mean, _, var = OP.forward[backend](*args, bool(training), float(eps), code)
+        if transformed and training:
+            _check_vmap_running_stats(input, running_mean, running_var)
+        call = OP.under_vmap(backend) if transformed else OP.forward[backend]
+        out, mean, _, var = call(*args, bool(training), float(eps), code)
     if training and running_mean is not None and running_var is not None and input.numel() > 0:
         # running = (1 - momentum) running + momentum batch (the variance unbiased), as torch,
         # written running + momentum (batch - running): one op per statistic instead of two
         # (the same value to an ulp; the small layers of a training step are all call overhead).
         with torch.no_grad():
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_(var.to(running_var.dtype), momentum)
+            update_running(running_mean, mean, momentum)
+            update_running(running_var, var, momentum)
     return out
+
+
+def _check_vmap_running_stats(input, running_mean, running_var) -> None:
+    """torch's rule under vmap: batch statistics of a batched input cannot update unbatched
+    running statistics in place (torch's words)."""
+    if not _is_batched(input):
+        return
+    for t in (running_mean, running_var):
+        if t is not None and not _is_batched(t):
+            raise RuntimeError(_VMAP_RUNNING_STATS)
+
+
+_is_batched = torch._C._functorch.is_batchedtensor
+_VMAP_RUNNING_STATS = (
+    "Batch norm got a batched tensor as input while the running_mean or running_var, which will "
+    "be updated in place, were not batched.\nIf you are using a module and do not need eval "
+    "mode, please set `track_running_stats` to be False.If you are using a prebuilt module and "
+    "do not need eval mode, please see the functorch website for resources on how to patch your "
+    "module to work with vmap"
+)
 
 
 # ---- the ops: fake kernels, the Triton ops' autograd formula, registration ---------------
@@ -250,6 +281,37 @@ def _fake_elemt(grad, input, weight, output, mean, invstd, sum_dz, sum_dz_xmu, c
         grad, input, weight, output, mean, invstd, sum_dz, sum_dz_xmu, count, activation
     )
     return torch.empty_like(input)
+
+
+@SPEC.vmap("batch_norm")
+def _vmap_fwd(info, in_dims, input, weight, bias, running_mean, running_var, training, eps,
+              activation, *, op):  # fmt: skip
+    """torch's batching rule: the batch folded into the channels, ``(N, B, C, *)`` as
+    ``(N, B*C, *)``, so that one call normalises every sample's channels over its own rows;
+    per-channel operands batched as ``(B*C,)``, unbatched ones repeated."""
+    batch = info.batch_size
+    if in_dims[0] is not None:
+        x = input.movedim(in_dims[0], 1)
+    else:
+        x = input.unsqueeze(1).expand(input.shape[0], batch, *input.shape[1:])
+    n, c, rest = x.shape[0], x.shape[2], x.shape[3:]
+
+    def channels(t, d):
+        if t is None:
+            return None
+        return t.repeat(batch) if d is None else t.movedim(d, 0).reshape(batch * c)
+
+    per_channel = (weight, bias, running_mean, running_var)
+    args = [channels(t, d) for t, d in zip(per_channel, in_dims[1:5], strict=True)]
+    out, *stats = op(x.reshape(n, batch * c, *rest), *args, training, eps, activation)
+
+    def unfold(t):
+        if t.dim() == 1 and t.numel() == batch * c and t.numel() > 0:
+            return t.reshape(batch, c), 0
+        return t, None
+
+    stats, dims = zip(*(unfold(t) for t in stats), strict=True)
+    return (out.reshape(n, batch, c, *rest), *stats), (1, *dims)
 
 
 @SPEC.setup_context

@@ -16,7 +16,15 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 from .. import reference
 from ..constants import REDUCTIONS
 from . import _checks as check
-from ._registry import OpSpec, autocast_enabled, autocast_to, promote, register, transforms_active
+from ._registry import (
+    OpSpec,
+    autocast_enabled,
+    autocast_to,
+    promote,
+    register,
+    torch_ops_needed,
+    transforms_active,
+)
 
 _OP = "binary_cross_entropy_with_logits"
 
@@ -143,14 +151,16 @@ def _run(input, target, weight, reduction, pos_weight, backend: str | None) -> T
                 f"'{name}'. This input cannot have requires_grad True."
             )
     backend = OP.resolve(input.device, backend)
-    if backend == "reference" or transforms_active():
+    transformed = transforms_active()  # under torch.vmap alone: our op, with its batching rule
+    if backend == "reference" or (transformed and torch_ops_needed()):
         return OP.reference(input, target, weight, reduction, pos_weight)
     input, target, weight, pos_weight = autocast_to(
         torch.float32, input.device.type, input, target, weight, pos_weight
     )
     out_dtype = target.dtype
     input, target, weight, pos_weight = promote(input, target, weight, pos_weight)
-    out = OP.forward[backend](input, target, weight, pos_weight, code)
+    call = OP.under_vmap(backend) if transformed else OP.forward[backend]
+    out = call(input, target, weight, pos_weight, code)
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
@@ -173,6 +183,29 @@ def _fake_bwd(grad, input, target, weight, pos_weight, reduction, input_grad, ta
         input.new_empty(input.shape if input_grad else (0,)),
         input.new_empty(input.shape if target_grad else (0,)),
     )
+
+
+@SPEC.vmap("bce_with_logits")
+def _vmap_fwd(info, in_dims, input, target, weight, pos_weight, reduction, *, op):
+    """A batch of losses is one call on the whole batch with reduction "none" (every operand
+    batched or broadcast along a leading batch dimension), reduced per sample after it."""
+    batch = info.batch_size
+    rank = input.dim() - (in_dims[0] is not None)  # the per-sample (logical) rank
+
+    def lift(t, d):  # batch dimension first, the sample's dimensions aligned to the right
+        if t is None or d is None:
+            return t
+        t = t.movedim(d, 0)
+        return t.reshape(batch, *[1] * (rank + 1 - t.dim()), *t.shape[1:])
+
+    operands = (input, target, weight, pos_weight)
+    x, y, w, pw = (lift(t, d) for t, d in zip(operands, in_dims[:4], strict=True))
+    shape = x.shape if in_dims[0] is not None else (batch, *input.shape)
+    loss = op(x.expand(shape), y.expand(shape), w, pw, REDUCTIONS["none"])
+    if reduction != REDUCTIONS["none"] and rank > 0:
+        dims = tuple(range(1, rank + 1))
+        loss = loss.sum(dims) if reduction == REDUCTIONS["sum"] else loss.mean(dims)
+    return loss, 0
 
 
 @SPEC.setup_context

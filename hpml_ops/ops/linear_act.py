@@ -15,7 +15,17 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 from .. import reference
 from ..constants import ACT_USES_MASK, ACT_USES_OUTPUT, ACTIVATIONS, activation_code, mask_row_bytes
 from . import _checks as check
-from ._registry import AUTOCAST_LOWER, OpSpec, autocast_on, on_device, register, transforms_active
+from ._registry import (
+    AUTOCAST_LOWER,
+    OpSpec,
+    autocast_on,
+    on_device,
+    register,
+    torch_ops_needed,
+    transforms_active,
+    vmap_by_loop,
+    vmap_rows,
+)
 
 _OP = "linear_act"
 
@@ -164,15 +174,19 @@ def _run(input, weight, bias, activation, negative_slope, backend: str | None) -
         return OP.reference(input, weight, bias, activation, negative_slope)
     check_args(input, weight, bias, code, negative_slope, op=False)
     backend = OP.resolve(input.device, backend)
-    if backend == "reference" or transforms_active():
+    # Under torch.vmap alone our op runs, its batching rule folding the batch into the rows; a
+    # weight or bias batched per sample is torch's work (a batched matrix product).
+    transformed = transforms_active()
+    if backend == "reference" or (transformed and torch_ops_needed(weight, bias)):
         return OP.reference(input, weight, bias, activation, negative_slope)
+    call = OP.under_vmap(backend) if transformed else OP.forward[backend]
     n, k = weight.shape
     if bias is not None and bias.shape != (n,):
         bias = bias.expand(n)  # a 0-d or one-element bias, which F.linear broadcasts
     if input.dim() == 2:  # no views: each adds ~5 us and a ViewBackward node per call
-        return OP.forward[backend](input, weight, bias, code, float(negative_slope))[0]
+        return call(input, weight, bias, code, float(negative_slope))[0]
     rows = input.shape[:-1].numel()  # not reshape(-1, k): with k = 0 the -1 is ambiguous
-    out, _ = OP.forward[backend](input.reshape(rows, k), weight, bias, code, float(negative_slope))
+    out, _ = call(input.reshape(rows, k), weight, bias, code, float(negative_slope))
     return out.reshape(*input.shape[:-1], n)
 
 
@@ -217,6 +231,18 @@ def _fake_bwd(grad, input, weight, output, mask, activation, negative_slope, ig,
         weight.new_empty(weight.shape if wg else (0,)),
         weight.new_empty((weight.shape[0],) if bg else (0,)),
     )
+
+
+@SPEC.vmap("linear_act")
+def _vmap_fwd(info, in_dims, input, weight, bias, activation, negative_slope, *, op):
+    """A batch of inputs is one call on their rows stacked; a batch of weights or biases, a call
+    per sample."""
+    if in_dims[1] is not None or in_dims[2] is not None:
+        return vmap_by_loop(info, in_dims, (input, weight, bias, activation, negative_slope), op)
+    x = input.movedim(in_dims[0], 0)
+    out, mask = op(x.reshape(-1, x.shape[-1]), weight, bias, activation, negative_slope)
+    (out, out_dim), (mask, mask_dim) = vmap_rows(out, x.shape[0]), vmap_rows(mask, x.shape[0])
+    return (out, mask), (out_dim, mask_dim)
 
 
 @SPEC.setup_context

@@ -17,9 +17,19 @@ import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function
 
+from .. import reference
 from ..constants import ACT_USES_MASK, ACTIVATIONS, acc_dtype, activation_code, mask_row_bytes
 from . import _checks as check
-from ._registry import AUTOCAST_LOWER, OpSpec, on_device, register, transforms_active
+from ._registry import (
+    AUTOCAST_LOWER,
+    OpSpec,
+    on_device,
+    register,
+    torch_ops_needed,
+    transforms_active,
+    vmap_by_loop,
+    vmap_rows,
+)
 
 _OP = "mlp"
 SAVED_PER_LAYER = 6  # csrc/mlp.h: kMlpSavedPerLayer
@@ -268,7 +278,10 @@ def _mlp(
     act = activation_code(activation, _OP)
     out_act = activation_code(output_activation, f"{_OP}: output")
     if isinstance(input, Tensor):  # None as the ops take it: an empty (0, 0) tensor
-        none = input.new_empty((0, 0))
+        if transforms_active():  # not new_empty: under vmap that one is a batched tensor
+            none = torch.empty((0, 0), dtype=input.dtype, device=input.device)
+        else:
+            none = input.new_empty((0, 0))
         biases = [none if t is None else t for t in biases]
         lists = [[none if t is None else t for t in ts] for ts in lists]
     momenta = list(momentum) if isinstance(momentum, Sequence) else [momentum] * n_hidden
@@ -291,13 +304,22 @@ def run(
             and on_device(input.device, *weights)):  # fmt: skip
         check_args(*args, negative_slope, out_act, op=False)
         backend = OP.resolve(input.device, backend)
-        if backend == "reference" or transforms_active():
+        # Under torch.vmap alone our op runs, its batching rule folding the batch into the rows,
+        # unless a parameter is batched per sample or batch statistics are taken (per sample).
+        transformed = transforms_active()
+        if backend == "reference" or (
+            transformed
+            and (
+                (training and any(flags))
+                or torch_ops_needed(*weights, *biases, *bn_w, *bn_b, *r_m, *r_v)
+            )
+        ):
             return OP.reference(
                 input, weights, present(biases), _NAMES[act], negative_slope, _NAMES[out_act],
                 flags, present(bn_w), present(bn_b), present(r_m), present(r_v), training,
                 momenta, eps,
             )  # fmt: skip
-        call = OP.forward[backend]
+        call = OP.under_vmap(backend) if transformed else OP.forward[backend]
     else:
         call = OP.cpp
     x2 = input if input.dim() == 2 else input.reshape(-1, input.shape[-1])
@@ -404,14 +426,34 @@ def _fake_bwd(*args):  # hpml::mlp_backward's arguments (schema.py)
     return (input.new_empty(input.shape) if input_grad else empty()), gw, gb, gbw, gbb
 
 
+@SPEC.vmap("mlp")
+def _vmap_fwd(info, in_dims, *args, op):
+    """A batch of inputs is one call on their rows stacked (the saved per-row tensors come back
+    as ``(B, rows, *)``); batched parameters or batch statistics in training (taken per sample),
+    a call per sample."""
+    input, weights, biases, flags, bn_w, bn_b, r_m, r_v, training = args[:9]
+    dims = (in_dims[1], in_dims[2], *in_dims[4:8])
+    if (training and any(flags)) or any(d is not None for ds in dims for d in ds):
+        return vmap_by_loop(info, in_dims, args, op)
+    x = input.movedim(in_dims[0], 0)
+    batch = x.shape[0]
+    out, saved = op(x.reshape(-1, x.shape[-1]), *args[1:])
+    out, out_dim = vmap_rows(out, batch)
+    # Per row: the 2-D ones (layer outputs, masks); per channel (statistics) or absent: 1-D.
+    saved = [vmap_rows(t, batch) if t.dim() == 2 else (t, None) for t in saved]
+    return (out, [t for t, _ in saved]), (out_dim, [d for _, d in saved])
+
+
 @SPEC.setup_context
 def _setup_context(ctx, inputs, output):
     (input, weights, biases, batch_norm, bn_weights, _, _, _, training, _, act, slope,
      out_act) = inputs  # fmt: skip
     out, saved = output
-    ctx.save_for_backward(input, out, *weights, *biases, *bn_weights, *saved)
+    bn_biases = inputs[5]  # (read only by a second backward: _backward's recomputation)
+    ctx.save_for_backward(input, out, *weights, *biases, *bn_weights, *bn_biases, *saved)
     ctx.sizes = (len(weights), len(bn_weights))
     ctx.args = (list(batch_norm), training, act, slope, out_act)
+    ctx.eps = inputs[9]
     ctx.mark_non_differentiable(*saved)
 
 
@@ -423,7 +465,8 @@ def _backward(ctx, grad, grad_saved, *, bwd_op):
     weights = tensors[2 : 2 + n_layers]
     biases = tensors[2 + n_layers : 2 + 2 * n_layers]
     bn_weights = tensors[2 + 2 * n_layers : 2 + 2 * n_layers + n_hidden]
-    saved = tensors[2 + 2 * n_layers + n_hidden :]
+    bn_biases = tensors[2 + 2 * n_layers + n_hidden : 2 + 2 * n_layers + 2 * n_hidden]
+    saved = tensors[2 + 2 * n_layers + 2 * n_hidden :]
     flags, training, act, slope, out_act = ctx.args
     needs = ctx.needs_input_grad
     ig = bool(needs[0])
@@ -435,10 +478,19 @@ def _backward(ctx, grad, grad_saved, *, bwd_op):
     if not (ig or any(wg) or any(bg) or any(bwg) or any(bbg)):
         return (None, [None] * n_layers, [None] * n_layers, flags_grad, nones, nones, nones,
                 nones) + (None,) * 5  # fmt: skip
-    gx, gw, gb, gbw, gbb = bwd_op(
-        grad, input, out, weights, biases, flags, bn_weights, saved, training, act, slope,
-        out_act, ig, wg, bg, bwg, bbg,
-    )  # fmt: skip
+    if reference.wants_graph(grad, input, *weights, *biases, *bn_weights, *bn_biases):
+        # (a second backward to come) the net again from torch's ops, differentiated with a graph
+        gx, gw, gb, gbw, gbb = reference.mlp_grads(
+            grad, input, weights, present(biases), flags, present(bn_weights),
+            present(bn_biases), [saved[SAVED_PER_LAYER * i + 3 : SAVED_PER_LAYER * i + 5]
+                                 for i in range(n_hidden)],
+            training, ctx.eps, _NAMES[act], slope, _NAMES[out_act], (ig, wg, bg, bwg, bbg),
+        )  # fmt: skip
+    else:
+        gx, gw, gb, gbw, gbb = bwd_op(
+            grad, input, out, weights, biases, flags, bn_weights, saved, training, act, slope,
+            out_act, ig, wg, bg, bwg, bbg,
+        )  # fmt: skip
     return (
         gx if ig else None,
         [g if f else None for g, f in zip(gw, wg, strict=True)],
