@@ -186,6 +186,10 @@ def use_backend(name: str) -> Iterator[None]:
 
 @torch.compiler.assume_constant_result
 def _resolve(choice: str, device_type: str, op: str | None) -> str:
+    if device_type == "meta":
+        # Shapes and dtypes only (deferred initialisation, shape inference): torch's own ops
+        # infer them, whichever backend was chosen for the real tensors.
+        return "reference"
     if choice == "auto":
         order = {"cuda": ("triton", "cpp"), "cpu": ("cpp",)}.get(device_type, ())
         for b in order:

@@ -64,6 +64,13 @@ def test_auto_picks_cpp_on_cpu_when_built():
     assert hpml_ops._backend.resolve(torch.device("meta")) == "reference"
 
 
+@pytest.mark.parametrize("choice", ["auto", "cpp", "triton", "cuda-emu", "reference"])
+def test_meta_tensors_run_as_torch_whatever_the_choice(choice):
+    """Meta tensors carry shapes only: every choice runs them as torch's ops (no data to compute
+    on, nothing a kernel could do differently), even one that cannot run here on real tensors."""
+    assert hpml_ops._backend._resolve(choice, "meta", "linear_act") == "reference"
+
+
 def test_env_variable_selects_the_backend():
     r = _run("import hpml_ops; print(hpml_ops.get_backend())", HPML_BACKEND="reference")
     assert r.returncode == 0, r.stderr
