@@ -51,6 +51,22 @@ bool differentiable_backward(const variable_list& inputs) {
   return at::GradMode::is_enabled() && torch::autograd::compute_requires_grad(inputs);
 }
 
+// Whether autograd has anything to record: grad mode on and an input that requires grad or
+// carries a forward-mode tangent. When not (inference, evaluation, inputs that need no
+// gradient), the op runs below autograd at once: torch::autograd::Function::apply would still
+// make a node, a context and its saved data, ~1 us of a 1-row call's ~8 (NOTES, per-call v4).
+bool tracked(const at::Tensor& t) {
+  return t.defined() && (t.requires_grad() || t._fw_grad(/*level=*/0).defined());
+}
+bool tracked(const OptTensor& t) { return t.has_value() && tracked(*t); }
+bool tracked(at::TensorList ts) {
+  return std::any_of(ts.begin(), ts.end(), [](const at::Tensor& t) { return tracked(t); });
+}
+template <typename... Ts>
+bool records(const Ts&... ts) {
+  return at::GradMode::is_enabled() && (tracked(ts) || ...);
+}
+
 // The ReLU / leaky ReLU bit mask (uint8 (M, ceil(N / 8)), bit j % 8 of byte j / 8) as bool (M, N).
 at::Tensor unpack_mask(const at::Tensor& mask, int64_t n) {
   const auto shifts = at::arange(8, mask.options());
@@ -132,6 +148,11 @@ std::tuple<at::Tensor, at::Tensor> linear_act_autograd(const at::Tensor& input,
                                                        const at::Tensor& weight,
                                                        const OptTensor& bias, int64_t activation,
                                                        double negative_slope) {
+  if (!records(input, weight, bias)) {
+    static const auto op = op_handle<LinearActSig>(HPML_OP("linear_act"));
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(input, weight, bias, activation, negative_slope);
+  }
   auto r = LinearActFn::apply(input, weight, bias, activation, negative_slope);
   return {r[0], r[1]};
 }
@@ -190,6 +211,11 @@ class BceWithLogitsFn : public torch::autograd::Function<BceWithLogitsFn> {
 at::Tensor bce_with_logits_autograd(const at::Tensor& input, const at::Tensor& target,
                                     const OptTensor& weight, const OptTensor& pos_weight,
                                     int64_t reduction) {
+  if (!records(input, target, weight, pos_weight)) {
+    static const auto op = op_handle<BceSig>(HPML_OP("bce_with_logits"));
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(input, target, weight, pos_weight, reduction);
+  }
   return BceWithLogitsFn::apply(input, target, weight, pos_weight, reduction);
 }
 
@@ -283,6 +309,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_autograd(
     const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var, bool training, double eps,
     int64_t activation) {
+  if (!records(input, weight, bias, running_mean, running_var)) {
+    static const auto op = op_handle<BatchNormSig>(HPML_OP("batch_norm"));
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(input, weight, bias, running_mean, running_var, training, eps, activation);
+  }
   auto r = BatchNormFn::apply(input, weight, bias, running_mean, running_var, training, eps,
                               activation);
   return {r[0], r[1], r[2], r[3]};
@@ -483,6 +514,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_autograd(
     const c10::List<bool>& batch_norm, at::TensorList bn_weights, at::TensorList bn_biases,
     at::TensorList running_means, at::TensorList running_vars, bool training, double eps,
     int64_t activation, double negative_slope, int64_t output_activation) {
+  if (!records(input, weights, biases, bn_weights, bn_biases, running_means, running_vars)) {
+    static const auto op = op_handle<MlpSig>(HPML_OP("mlp"));
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(input, weights, biases, batch_norm, bn_weights, bn_biases, running_means,
+                   running_vars, training, eps, activation, negative_slope, output_activation);
+  }
   variable_list r = MlpFn::apply(input, weights, biases, batch_norm, bn_weights, bn_biases,
                                  running_means, running_vars, training, eps, activation,
                                  negative_slope, output_activation);
