@@ -1,21 +1,228 @@
-"""Triton launchers of the whole-MLP ops (hpml::mlp_triton, hpml::mlp_backward_triton): the
-layers one after another through the Triton kernels of linear_act and batch_norm, inside one op
-call, with the same saved tensors as the C++ op (csrc/mlp.h). The fully fused kernel (all layers
-of a row block on chip, widths up to 128) is the next step of issue 12."""
+"""Triton launchers of the whole-MLP ops (hpml::mlp_triton, hpml::mlp_backward_triton), with the
+same saved tensors as the C++ op (csrc/mlp.h).
+
+Forward: a net without batch norm whose widths are all at most 128 (input included), of at most
+8 layers, in fp32/fp16/bf16, runs as one kernel (``_mlp_fused_fwd_kernel``): a program takes a
+block of rows through every layer, the products on ``tl.dot`` with fp32 accumulation (as
+linear_act: the weights padded with zeros to one power-of-two width ``D``), the bias, activation
+and ReLU mask in the epilogue, each hidden layer's output written once (it is what the backward
+reads) and read back by the same program, a chunk of ``BLOCK_K`` columns at a time, as the next
+layer's input (it is still in L1/L2; holding a whole 128-wide weight in registers would spill).
+Other nets, and every net under ``HPML_MLP_KERNEL=layers``, run the layers one after another
+through the Triton kernels of linear_act and batch_norm inside the one op call.
+
+Backward: the layers one after another (the fused backward is the next step of issue 12)."""
 
 from __future__ import annotations
 
-import torch
+import os
 
-from ..constants import ACTIVATIONS
+import torch
+import triton
+import triton.language as tl
+
+from ..constants import ACT_USES_MASK, ACTIVATIONS, mask_row_bytes
 from ..ops.mlp import SAVED_PER_LAYER, check_args, check_backward_args, present
+from ._common import tl_acc_dtype, to_dtype
 from .batch_norm import batch_norm as _batch_norm
 from .batch_norm import batch_norm_backward as _batch_norm_backward
+from .linear_act import _LEAKY_RELU as _LEAKY_C
+from .linear_act import _RELU as _RELU_C
+from .linear_act import _activate, _dot_fp32, _precision
 from .linear_act import linear_act as _linear_act
 from .linear_act import linear_act_backward as _linear_act_backward
 
+# The fused forward's limits: layers (one pointer argument each), padded width.
+MAX_FUSED_LAYERS = 8
+MAX_FUSED_WIDTH = 128
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 _NONE, _RELU, _LEAKY = ACTIVATIONS["none"], ACTIVATIONS["relu"], ACTIVATIONS["leaky_relu"]
 _SIGMOID, _TANH = ACTIVATIONS["sigmoid"], ACTIVATIONS["tanh"]
+
+
+@triton.jit
+def _pick(i: tl.constexpr, p0, p1, p2, p3, p4, p5, p6, p7):
+    """The ``i``-th of eight arguments (``i`` known when compiling)."""
+    if i == 0:
+        r = p0
+    elif i == 1:
+        r = p1
+    elif i == 2:
+        r = p2
+    elif i == 3:
+        r = p3
+    elif i == 4:
+        r = p4
+    elif i == 5:
+        r = p5
+    elif i == 6:
+        r = p6
+    else:
+        r = p7
+    return r
+
+
+@triton.jit
+def _epilogue(z, slope, m_ptr, rows, row_ok, N, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+              D: tl.constexpr):  # fmt: skip
+    """The layer's ReLU mask written (relu, leaky relu; columns >= N hold z = 0: bits 0), then
+    its activation."""
+    if ACT == _RELU_C or ACT == _LEAKY_C:
+        on = z > 0
+        if ACT == _RELU_C:  # NaN too: torch's ReLU backward passes the gradient there
+            on = on | (z != z)
+        bits = tl.reshape(on.to(tl.int32), (BLOCK_M, D // 8, 8))
+        packed = tl.sum(bits << tl.arange(0, 8)[None, None, :], axis=2).to(tl.uint8)
+        offs_b = tl.arange(0, D // 8)
+        row_bytes = (N + 7) // 8
+        tl.store(m_ptr + rows * row_bytes + offs_b[None, :], packed,
+                 mask=row_ok & (offs_b[None, :] < row_bytes))  # fmt: skip
+    return _activate(z, slope, ACT)
+
+
+@triton.jit
+def _mlp_fused_fwd_kernel(
+    x_ptr,  # input (M, d0), row stride stride_xm, unit column stride
+    y_ptr,  # output (M, d_L)
+    w0, w1, w2, w3, w4, w5, w6, w7,  # layer i's weight (d_{i+1}, d_i), contiguous
+    b0, b1, b2, b3, b4, b5, b6, b7,  # its bias (d_{i+1},) when bit i of HAS_BIAS
+    h0, h1, h2, h3, h4, h5, h6, h7,  # hidden layer i's output (M, d_{i+1}): saved, and re-read
+    m0, m1, m2, m3, m4, m5, m6, m7,  # layer i's ReLU mask (M, ceil(d_{i+1} / 8)) when it has one
+    d0, d1, d2, d3, d4, d5, d6, d7, d8,  # the widths: input, then each layer's output
+    M,
+    stride_xm,
+    slope,
+    L: tl.constexpr,  # layers (1..8)
+    HAS_BIAS: tl.constexpr,  # bit i: layer i has a bias
+    ACT: tl.constexpr,  # hidden activation
+    OUT_ACT: tl.constexpr,  # output activation
+    PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    ACC: tl.constexpr,
+    D: tl.constexpr,  # padded width, a power of two >= 16 and >= every d_i
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # columns of a layer's input read per product step (divides D)
+):  # fmt: skip
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m[:, None].to(tl.int64)
+    row_ok = offs_m[:, None] < M
+    offs_n = tl.arange(0, D)
+    offs_k = tl.arange(0, BLOCK_K)
+    for i in tl.static_range(L):
+        K = _pick(i, d0, d1, d2, d3, d4, d5, d6, d7)
+        if i == 7:
+            N = d8
+        else:
+            N = _pick(i + 1, d0, d1, d2, d3, d4, d5, d6, d7)
+        w_ptr = _pick(i, w0, w1, w2, w3, w4, w5, w6, w7)
+        if i == 0:
+            src, stride_src = x_ptr, stride_xm
+        else:
+            src = _pick(i - 1, h0, h1, h2, h3, h4, h5, h6, h7)
+            stride_src = K
+            tl.debug_barrier()  # the previous layer's stores, visible to the whole block
+        z = tl.zeros((BLOCK_M, D), dtype=ACC)
+        for k0 in tl.static_range(0, D, BLOCK_K):
+            kk = k0 + offs_k
+            a = tl.load(src + rows * stride_src + kk[None, :], mask=row_ok & (kk[None, :] < K),
+                        other=0.0)  # fmt: skip
+            b = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * K + kk[:, None],
+                        mask=(kk[:, None] < K) & (offs_n[None, :] < N), other=0.0)  # fmt: skip
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            z = tl.dot(a, b, z, input_precision=PRECISION, out_dtype=ACC)
+        if (HAS_BIAS >> i) & 1:
+            b_ptr = _pick(i, b0, b1, b2, b3, b4, b5, b6, b7)
+            z += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC)[None, :]
+        m_ptr = _pick(i, m0, m1, m2, m3, m4, m5, m6, m7)
+        if i == L - 1:
+            out = _epilogue(z, slope, m_ptr, rows, row_ok, N, OUT_ACT, BLOCK_M, D)
+            dst = y_ptr
+        else:
+            out = _epilogue(z, slope, m_ptr, rows, row_ok, N, ACT, BLOCK_M, D)
+            dst = _pick(i, h0, h1, h2, h3, h4, h5, h6, h7)
+        tl.store(dst + rows * N + offs_n[None, :], to_dtype(out, dst.dtype.element_ty),
+                 mask=row_ok & (offs_n[None, :] < N))  # fmt: skip
+
+
+def _fused_width(input, weights) -> int:
+    widths = [input.shape[1], *(w.shape[0] for w in weights)]
+    return max(16, triton.next_power_of_2(max(widths)))
+
+
+def _fusable(input, weights, batch_norm) -> bool:
+    """Whether the fused forward runs this net (module docstring)."""
+    return (
+        os.environ.get("HPML_MLP_KERNEL", "") != "layers"
+        and not any(batch_norm)
+        and 1 <= len(weights) <= MAX_FUSED_LAYERS
+        and input.dtype in _FUSED_DTYPES
+        and input.shape[0] > 0
+        and max([input.shape[1], *(w.shape[0] for w in weights)]) <= MAX_FUSED_WIDTH
+    )
+
+
+def _config(d: int, wide: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps) for padded width ``d``, 16-bit (``wide``: tensor-core dots)
+    or fp32 (FMA dots unless TF32 is allowed): the largest row block that compiles without
+    spilling registers on sm_80 and sm_90 (`make gpu-build-check`: with 4 warps, 32 x 128 16-bit
+    tiles spilled on sm_90, 32-row fp32 tiles spilled from D = 64 on)."""
+    if wide:
+        return (64, 32, 4) if d <= 64 else (32, 32, 8)
+    return {16: (64, 16, 4), 32: (64, 32, 4), 64: (32, 32, 8)}.get(d, (16, 16, 8))
+
+
+def _mlp_fused(input, weights, biases, activation, negative_slope, output_activation):
+    """The forward as one kernel: (output, saved) as ``mlp`` returns them."""
+    M = input.shape[0]
+    n_layers = len(weights)
+    dims = [input.shape[1], *(w.shape[0] for w in weights)]
+    dev, dt = input.device, input.dtype
+    x = input if input.stride(1) == 1 else input.contiguous()
+    ws = [w.contiguous() for w in weights]
+    bs = [b.contiguous() if b is not None else x for b in biases]
+    hs = [torch.empty((M, n), dtype=dt, device=dev) for n in dims[1:-1]]
+    acts = [activation] * (n_layers - 1) + [output_activation]
+    masks = [
+        torch.empty((M, mask_row_bytes(n)) if a in ACT_USES_MASK else (0,), dtype=torch.uint8,
+                    device=dev)
+        for n, a in zip(dims[1:], acts, strict=True)
+    ]  # fmt: skip
+    y = torch.empty((M, dims[-1]), dtype=dt, device=dev)
+
+    def pad(ts, filler):
+        return [*ts, *([filler] * (MAX_FUSED_LAYERS - len(ts)))]
+
+    d = _fused_width(input, weights)
+    block_m, block_k, warps = _config(d, dt != torch.float32)
+    _mlp_fused_fwd_kernel[(triton.cdiv(M, block_m),)](
+        x, y, *pad(ws, x), *pad(bs, x), *pad(hs, x),
+        *pad([m if m.numel() else x for m in masks], x),
+        *dims, *([0] * (MAX_FUSED_LAYERS + 1 - len(dims))), M, x.stride(0),
+        float(negative_slope),
+        L=n_layers,
+        HAS_BIAS=sum(1 << i for i, b in enumerate(biases) if b is not None),
+        ACT=activation,
+        OUT_ACT=output_activation,
+        PRECISION=_precision(dt),
+        DOT_FP32=_dot_fp32(dt),
+        ACC=tl_acc_dtype(dt),
+        D=d,
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        num_warps=warps,
+    )  # fmt: skip
+
+    def none():
+        return input.new_empty((0,))
+
+    saved = []
+    for i, h in enumerate(hs):
+        saved += [h, masks[i], none(), none(), none(), none()]
+    saved.append(masks[-1])
+    return y, saved
 
 
 def mlp(
@@ -29,6 +236,8 @@ def mlp(
     )  # fmt: skip
     biases, bn_weights, bn_biases = present(biases), present(bn_weights), present(bn_biases)
     running_means, running_vars = present(running_means), present(running_vars)
+    if _fusable(input, weights, batch_norm):
+        return _mlp_fused(input, weights, biases, activation, negative_slope, output_activation)
 
     def none():  # a fresh one each time: the outputs of an op may not alias each other
         return input.new_empty((0,))
@@ -123,6 +332,41 @@ def mlp_backward(
 
 
 def aot_specs() -> list[dict]:
-    """No kernels of its own yet: the layers run the Triton kernels of linear_act and
-    batch_norm, which their modules' specs compile."""
-    return []
+    """The fused forward as `make gpu-build-check` compiles it for sm_80/sm_90: each padded width
+    (16, 32, 64, 128) in fp16, bf16 and fp32 (TF32 off), three layers with biases, ReLU hidden and
+    sigmoid output (the layer-by-layer path runs the kernels of linear_act and batch_norm, which
+    their modules' specs compile)."""
+    from ._common import aot_spec
+
+    specs = []
+    for dt in ("fp16", "bf16", "fp32"):
+        for d in (16, 32, 64, 128):
+            block_m, block_k, warps = _config(d, dt != "fp32")
+            types = {a: f"*{dt}" for a in ("x_ptr", "y_ptr")}
+            for p in "wbh":
+                types.update({f"{p}{i}": f"*{dt}" for i in range(MAX_FUSED_LAYERS)})
+            types.update({f"m{i}": "*u8" for i in range(MAX_FUSED_LAYERS)})
+            types.update({f"d{i}": "i32" for i in range(MAX_FUSED_LAYERS + 1)})
+            types.update(M="i32", stride_xm="i32", slope="fp32")
+            specs.append(
+                aot_spec(
+                    _mlp_fused_fwd_kernel,
+                    f"mlp_fused_fwd[{dt},D={d}]",
+                    types,
+                    dict(
+                        L=3,
+                        HAS_BIAS=0b111,
+                        ACT=ACTIVATIONS["relu"],
+                        OUT_ACT=ACTIVATIONS["sigmoid"],
+                        PRECISION="ieee",
+                        DOT_FP32=False,
+                        ACC=tl.float32,
+                        D=d,
+                        BLOCK_M=block_m,
+                        BLOCK_K=block_k,
+                    ),
+                    num_warps=warps,
+                    aligned=("x_ptr", "y_ptr", "w0", "w1", "w2", "h0", "h1"),
+                )  # fmt: skip
+            )
+    return specs
