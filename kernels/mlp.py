@@ -11,7 +11,11 @@ layer's input (it is still in L1/L2; holding a whole 128-wide weight in register
 Other nets, and every net under ``HPML_MLP_KERNEL=layers``, run the layers one after another
 through the Triton kernels of linear_act and batch_norm inside the one op call.
 
-Backward: the layers one after another (the fused backward is the next step of issue 12)."""
+Backward, for the nets the fused forward runs: one kernel takes a block of rows down through
+every layer (the output's gradient, each layer's dZ from its mask or saved output, dY of the layer
+below from dZ re-read a chunk at a time), writing every layer's dZ and the input's gradient;
+each layer's dW and db are then products over all rows, computed from its dZ by linear_act's
+weight-gradient kernel (deterministic: no atomics). Other nets: the layers one after another."""
 
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from .batch_norm import batch_norm as _batch_norm
 from .batch_norm import batch_norm_backward as _batch_norm_backward
 from .linear_act import _LEAKY_RELU as _LEAKY_C
 from .linear_act import _RELU as _RELU_C
+from .linear_act import _SIGMOID as _SIGMOID_C
+from .linear_act import _TANH as _TANH_C
 from .linear_act import _activate, _dot_fp32, _precision
 from .linear_act import linear_act as _linear_act
 from .linear_act import linear_act_backward as _linear_act_backward
@@ -147,6 +153,119 @@ def _mlp_fused_fwd_kernel(
                  mask=row_ok & (offs_n[None, :] < N))  # fmt: skip
 
 
+@triton.jit
+def _act_grad(g, slope, m_ptr, s_ptr, rows, row_ok, offs_n, N, ACT: tl.constexpr,
+              BLOCK_M: tl.constexpr, D: tl.constexpr):  # fmt: skip
+    """dZ = dY * act'(Z) for a (BLOCK_M, D) tile: from the ReLU mask (relu, leaky relu) or the
+    layer's saved output (sigmoid, tanh), as linear_act's backward (torch's formulas)."""
+    if ACT == _RELU_C or ACT == _LEAKY_C:
+        offs_b = tl.arange(0, D // 8)
+        row_bytes = (N + 7) // 8
+        byte = tl.load(m_ptr + rows * row_bytes + offs_b[None, :],
+                       mask=row_ok & (offs_b[None, :] < row_bytes), other=0)  # fmt: skip
+        bits = (byte.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+        on = tl.reshape(bits, (BLOCK_M, D)) != 0
+        if ACT == _RELU_C:  # a select, as torch's threshold_backward
+            dz = tl.where(on, g, 0.0)
+        else:
+            dz = tl.where(on, g, g * slope)
+    elif ACT == _SIGMOID_C or ACT == _TANH_C:
+        y = tl.load(s_ptr + rows * N + offs_n[None, :], mask=row_ok & (offs_n[None, :] < N),
+                    other=0.0).to(g.dtype)  # fmt: skip
+        if ACT == _SIGMOID_C:
+            dz = g * (1.0 - y) * y
+        else:
+            dz = g * (1.0 - y * y)
+    else:
+        dz = g
+    return dz
+
+
+@triton.jit
+def _mlp_fused_bwd_kernel(
+    g_ptr,  # the output's gradient (M, d_L), contiguous
+    y_ptr,  # the output (M, d_L) (read for a sigmoid / tanh output activation)
+    gx_ptr,  # the input's gradient (M, d0), when NEED_GX
+    w0, w1, w2, w3, w4, w5, w6, w7,  # layer i's weight (d_{i+1}, d_i), contiguous
+    h0, h1, h2, h3, h4, h5, h6, h7,  # hidden layer i's saved output (M, d_{i+1})
+    m0, m1, m2, m3, m4, m5, m6, m7,  # layer i's ReLU mask, when it has one
+    z0, z1, z2, z3, z4, z5, z6, z7,  # out: layer i's dZ (M, d_{i+1}), for its dW and db
+    d0, d1, d2, d3, d4, d5, d6, d7, d8,
+    M,
+    slope,
+    L: tl.constexpr,
+    ACT: tl.constexpr,
+    OUT_ACT: tl.constexpr,
+    NEED_GX: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    ACC: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """A block of rows down through every layer: dZ of the last layer from the output's gradient,
+    then dY_i = dZ_{i+1} W_{i+1} (dZ_{i+1} re-read a chunk at a time, as the forward re-reads its
+    layer inputs) and dZ_i = dY_i * act'; every dZ written (the weight and bias gradients are
+    products over all rows, left to linear_act's kernels), the input's gradient last."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m[:, None].to(tl.int64)
+    row_ok = offs_m[:, None] < M
+    offs_n = tl.arange(0, D)
+    offs_k = tl.arange(0, BLOCK_K)
+    for i in tl.static_range(L - 1, -1, -1):
+        if i == 7:
+            N = d8
+        else:
+            N = _pick(i + 1, d0, d1, d2, d3, d4, d5, d6, d7)
+        if i == L - 1:
+            g = tl.load(g_ptr + rows * N + offs_n[None, :], mask=row_ok & (offs_n[None, :] < N),
+                        other=0.0).to(ACC)  # fmt: skip
+        else:
+            # dY_i = dZ_{i+1} (BLOCK_M, N2) @ W_{i+1} (N2, N), N2 = d_{i+2}
+            if i + 2 == 8:
+                N2 = d8
+            else:
+                N2 = _pick(i + 2, d0, d1, d2, d3, d4, d5, d6, d7)
+            z_next = _pick(i + 1, z0, z1, z2, z3, z4, z5, z6, z7)
+            w_next = _pick(i + 1, w0, w1, w2, w3, w4, w5, w6, w7)
+            tl.debug_barrier()  # the next layer's dZ stores, visible to the whole block
+            g = tl.zeros((BLOCK_M, D), dtype=ACC)
+            for c0 in tl.static_range(0, D, BLOCK_K):
+                cc = c0 + offs_k
+                a = tl.load(z_next + rows * N2 + cc[None, :], mask=row_ok & (cc[None, :] < N2),
+                            other=0.0)  # fmt: skip
+                b = tl.load(w_next + cc[:, None].to(tl.int64) * N + offs_n[None, :],
+                            mask=(cc[:, None] < N2) & (offs_n[None, :] < N), other=0.0)  # fmt: skip
+                if DOT_FP32:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                g = tl.dot(a, b, g, input_precision=PRECISION, out_dtype=ACC)
+        m_ptr = _pick(i, m0, m1, m2, m3, m4, m5, m6, m7)
+        if i == L - 1:
+            dz = _act_grad(g, slope, m_ptr, y_ptr, rows, row_ok, offs_n, N, OUT_ACT, BLOCK_M, D)
+        else:
+            s_ptr = _pick(i, h0, h1, h2, h3, h4, h5, h6, h7)
+            dz = _act_grad(g, slope, m_ptr, s_ptr, rows, row_ok, offs_n, N, ACT, BLOCK_M, D)
+        z_ptr = _pick(i, z0, z1, z2, z3, z4, z5, z6, z7)
+        tl.store(z_ptr + rows * N + offs_n[None, :], to_dtype(dz, z_ptr.dtype.element_ty),
+                 mask=row_ok & (offs_n[None, :] < N))  # fmt: skip
+    if NEED_GX:  # dX = dZ_0 (BLOCK_M, d1) @ W_0 (d1, d0)
+        tl.debug_barrier()
+        gx = tl.zeros((BLOCK_M, D), dtype=ACC)
+        for c0 in tl.static_range(0, D, BLOCK_K):
+            cc = c0 + offs_k
+            a = tl.load(z0 + rows * d1 + cc[None, :], mask=row_ok & (cc[None, :] < d1), other=0.0)
+            b = tl.load(w0 + cc[:, None].to(tl.int64) * d0 + offs_n[None, :],
+                        mask=(cc[:, None] < d1) & (offs_n[None, :] < d0), other=0.0)  # fmt: skip
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            gx = tl.dot(a, b, gx, input_precision=PRECISION, out_dtype=ACC)
+        tl.store(gx_ptr + rows * d0 + offs_n[None, :], to_dtype(gx, gx_ptr.dtype.element_ty),
+                 mask=row_ok & (offs_n[None, :] < d0))  # fmt: skip
+
+
 def _fused_width(input, weights) -> int:
     widths = [input.shape[1], *(w.shape[0] for w in weights)]
     return max(16, triton.next_power_of_2(max(widths)))
@@ -164,14 +283,19 @@ def _fusable(input, weights, batch_norm) -> bool:
     )
 
 
-def _config(d: int, wide: bool) -> tuple[int, int, int]:
+def _config(d: int, wide: bool, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_K, num_warps) for padded width ``d``, 16-bit (``wide``: tensor-core dots)
-    or fp32 (FMA dots unless TF32 is allowed): the largest row block that compiles without
-    spilling registers on sm_80 and sm_90 (`make gpu-build-check`: with 4 warps, 32 x 128 16-bit
-    tiles spilled on sm_90, 32-row fp32 tiles spilled from D = 64 on)."""
+    or fp32 (FMA dots unless TF32 is allowed), forward or backward: the largest row block that
+    compiles without spilling registers on sm_80 and sm_90 (`make gpu-build-check`; e.g. with 4
+    warps 32 x 128 16-bit forward tiles spilled on sm_90, 32-row fp32 tiles from D = 64 on, and
+    the backward, which also unpacks masks, needs 8 warps for 64-wide 16-bit tiles)."""
     if wide:
-        return (64, 32, 4) if d <= 64 else (32, 32, 8)
-    return {16: (64, 16, 4), 32: (64, 32, 4), 64: (32, 32, 8)}.get(d, (16, 16, 8))
+        if d <= 32 or (d == 64 and not backward):
+            return (64, 32, 4)
+        return (64, 32, 8) if d == 64 else (32, 32, 8)
+    if d == 128:
+        return (16, 32, 8) if backward else (16, 16, 8)
+    return {16: (64, 16, 4), 32: (64, 32, 4)}.get(d, (32, 32, 8))
 
 
 def _mlp_fused(input, weights, biases, activation, negative_slope, output_activation):
@@ -223,6 +347,51 @@ def _mlp_fused(input, weights, biases, activation, negative_slope, output_activa
         saved += [h, masks[i], none(), none(), none(), none()]
     saved.append(masks[-1])
     return y, saved
+
+
+def _mlp_backward_fused(
+    grad, input, output, weights, saved, activation, negative_slope, output_activation,
+    input_grad, weight_grads, bias_grads, biases,
+):  # fmt: skip
+    """The backward of a net the fused forward ran: dZ of every layer and dX in one kernel, then
+    each layer's dW and db from its dZ (linear_act's weight-gradient kernel, deterministic)."""
+    M, n_layers = input.shape[0], len(weights)
+    dims = [input.shape[1], *(w.shape[0] for w in weights)]
+    dev, dt = input.device, input.dtype
+    x = input if input.stride(1) == 1 else input.contiguous()
+    ws = [w.contiguous() for w in weights]
+    hs = [saved[SAVED_PER_LAYER * i] for i in range(n_layers - 1)]
+    masks = [saved[SAVED_PER_LAYER * i + 1] for i in range(n_layers - 1)] + [saved[-1]]
+    zs = [torch.empty((M, n), dtype=dt, device=dev) for n in dims[1:]]
+    gx = torch.empty_like(x) if input_grad else input.new_empty((0,))
+    g = grad.contiguous()
+
+    def pad(ts, filler):
+        return [*ts, *([filler] * (MAX_FUSED_LAYERS - len(ts)))]
+
+    d = _fused_width(input, weights)
+    block_m, block_k, warps = _config(d, dt != torch.float32, backward=True)
+    _mlp_fused_bwd_kernel[(triton.cdiv(M, block_m),)](
+        g, output, gx if input_grad else g, *pad(ws, g), *pad(hs, g),
+        *pad([m if m.numel() else g for m in masks], g), *pad(zs, g),
+        *dims, *([0] * (MAX_FUSED_LAYERS + 1 - len(dims))), M, float(negative_slope),
+        L=n_layers, ACT=activation, OUT_ACT=output_activation, NEED_GX=bool(input_grad),
+        PRECISION=_precision(dt), DOT_FP32=_dot_fp32(dt), ACC=tl_acc_dtype(dt), D=d,
+        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+    )  # fmt: skip
+    gw = [input.new_empty((0,)) for _ in range(n_layers)]
+    gb = [input.new_empty((0,)) for _ in range(n_layers)]
+    for i in range(n_layers):
+        wg, bg = bool(weight_grads[i]), bool(bias_grads[i]) and biases[i] is not None
+        if wg or bg:
+            a = x if i == 0 else hs[i - 1]
+            _, gw[i], gb[i] = _linear_act_backward(
+                zs[i], a, ws[i], input.new_empty((0,)), input.new_empty((0,), dtype=torch.uint8),
+                _NONE, 0.0, False, wg, bg,
+            )  # fmt: skip
+    gbw = [input.new_empty((0,)) for _ in range(n_layers - 1)]
+    gbb = [input.new_empty((0,)) for _ in range(n_layers - 1)]
+    return gx, gw, gb, gbw, gbb
 
 
 def mlp(
@@ -278,6 +447,11 @@ def mlp_backward(
     check_backward_args(grad, input, output, weights, biases, batch_norm, bn_weights, saved)
     biases, bn_weights = present(biases), present(bn_weights)
     n_layers = len(weights)
+    if _fusable(input, weights, batch_norm):  # (the fused forward saved these tensors)
+        return _mlp_backward_fused(
+            grad, input, output, weights, saved, activation, negative_slope, output_activation,
+            input_grad, weight_grads, bias_grads, biases,
+        )  # fmt: skip
 
     def none():
         return input.new_empty((0,))
@@ -332,9 +506,10 @@ def mlp_backward(
 
 
 def aot_specs() -> list[dict]:
-    """The fused forward as `make gpu-build-check` compiles it for sm_80/sm_90: each padded width
-    (16, 32, 64, 128) in fp16, bf16 and fp32 (TF32 off), three layers with biases, ReLU hidden and
-    sigmoid output (the layer-by-layer path runs the kernels of linear_act and batch_norm, which
+    """The fused forward and backward as `make gpu-build-check` compiles them for sm_80/sm_90:
+    each padded width (16, 32, 64, 128) in fp16, bf16 and fp32 (TF32 off), three layers (the
+    forward with biases, ReLU hidden and sigmoid output; the backward with ReLU / sigmoid and
+    tanh / leaky ReLU) (the layer-by-layer path runs the kernels of linear_act and batch_norm, which
     their modules' specs compile)."""
     from ._common import aot_spec
 
@@ -369,4 +544,34 @@ def aot_specs() -> list[dict]:
                     aligned=("x_ptr", "y_ptr", "w0", "w1", "w2", "h0", "h1"),
                 )  # fmt: skip
             )
+        for d in (16, 32, 64, 128):
+            block_m, block_k, warps = _config(d, dt != "fp32", backward=True)
+            types = {a: f"*{dt}" for a in ("g_ptr", "y_ptr", "gx_ptr")}
+            for p in "whz":
+                types.update({f"{p}{i}": f"*{dt}" for i in range(MAX_FUSED_LAYERS)})
+            types.update({f"m{i}": "*u8" for i in range(MAX_FUSED_LAYERS)})
+            types.update({f"d{i}": "i32" for i in range(MAX_FUSED_LAYERS + 1)})
+            types.update(M="i32", slope="fp32")
+            for act, out_act in (("relu", "sigmoid"), ("tanh", "leaky_relu")):
+                specs.append(
+                    aot_spec(
+                        _mlp_fused_bwd_kernel,
+                        f"mlp_fused_bwd[{dt},D={d},{act},{out_act}]",
+                        types,
+                        dict(
+                            L=3,
+                            ACT=ACTIVATIONS[act],
+                            OUT_ACT=ACTIVATIONS[out_act],
+                            NEED_GX=True,
+                            PRECISION="ieee",
+                            DOT_FP32=False,
+                            ACC=tl.float32,
+                            D=d,
+                            BLOCK_M=block_m,
+                            BLOCK_K=block_k,
+                        ),
+                        num_warps=warps,
+                        aligned=("g_ptr", "y_ptr", "gx_ptr", "w0", "w1", "w2", "z0", "z1"),
+                    )  # fmt: skip
+                )
     return specs

@@ -27,6 +27,14 @@ CONFIGS = {
     "tanh-bn-some": ((8, 5, 7, 3), "tanh", "sigmoid", [True, False], [True, False, True], True),
     "relu-bn-eval": ((4, 6, 6, 1), "relu", "none", [True, True], [True, True, True], False),
     "none-bn": ((5, 3, 2), "none", "tanh", [True], [True, True], True),
+    "tanh-leaky-out": (
+        (7, 12, 5, 3),
+        "tanh",
+        "leaky_relu",
+        [False, False],
+        [False, True, True],
+        True,
+    ),  # fmt: skip
     "wide-128": ((128, 100, 128, 37), "relu", "sigmoid", [False, False], [True, False, True], True),
     "deep-8": (
         (3, 9, 2, 11, 9, 8, 16, 5, 2),
@@ -182,26 +190,29 @@ def test_parity_many_blocks(config, rows):
     _check(config, torch.float64, "cpp", seed=2, rows=rows)
 
 
-# The Triton forward as one kernel (kernels/mlp.py): nets without batch norm, widths <= 128, <= 8
-# layers, fp32/fp16/bf16. Rows over several row blocks, a non-contiguous input.
-FUSED = ["relu", "sigmoid-nobias", "one-layer", "wide-128", "deep-8"]
+# The Triton forward and backward as one kernel each (kernels/mlp.py): nets without batch norm,
+# widths <= 128, <= 8 layers, fp32/fp16/bf16. Rows over several row blocks, a non-contiguous input.
+FUSED = ["relu", "sigmoid-nobias", "one-layer", "tanh-leaky-out", "wide-128", "deep-8"]
 
 
 @pytest.mark.parametrize("config", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
 def test_triton_fused_forward(dtype, config, monkeypatch):
-    """The fused forward runs (once per call) and its output, saved tensors (read by the
-    layer-by-layer backward) and gradients are torch's in float64 within the usual tolerance."""
+    """The fused forward and backward run (once per call each) and the output and every gradient
+    are torch's in float64 within the usual tolerance."""
     if hpml_ops._backend.unavailable_reason("triton", DEVICE, "mlp"):
         pytest.skip("triton unavailable here: " + hpml_ops._backend.unavailable_reason(
             "triton", DEVICE, "mlp"))  # fmt: skip
     from hpml_ops.kernels import mlp as kernels_mlp
 
-    calls = []
-    fused = kernels_mlp._mlp_fused
+    calls, back = [], []
+    fused, fused_bwd = kernels_mlp._mlp_fused, kernels_mlp._mlp_backward_fused
     monkeypatch.setattr(kernels_mlp, "_mlp_fused", lambda *a: calls.append(1) or fused(*a))
+    monkeypatch.setattr(
+        kernels_mlp, "_mlp_backward_fused", lambda *a: back.append(1) or fused_bwd(*a)
+    )
     _check(config, dtype, "triton", seed=3, rows=70)
-    assert len(calls) == 1
+    assert len(calls) == 1 and len(back) == 1
     kw = _make(config, dtype, 4, rows=70)
     kw["input"] = torch.cat([kw["input"], kw["input"]], 1)[:, ::2]  # row stride 2 x columns
     with hpml_ops.use_backend("triton"):
@@ -213,15 +224,18 @@ def test_triton_fused_forward(dtype, config, monkeypatch):
 
 def test_triton_fused_forward_limits(monkeypatch):
     """Batch norm, a width over 128, more than 8 layers, fp64 and HPML_MLP_KERNEL=layers go layer
-    by layer (and give torch's results)."""
+    by layer, forward and backward (and give torch's results)."""
     if hpml_ops._backend.unavailable_reason("triton", DEVICE, "mlp"):
         pytest.skip("triton unavailable here")
     from hpml_ops.kernels import mlp as kernels_mlp
 
     calls = []
-    fused = kernels_mlp._mlp_fused
+    fused, fused_bwd = kernels_mlp._mlp_fused, kernels_mlp._mlp_backward_fused
     monkeypatch.setattr(kernels_mlp, "_mlp_fused", lambda *a: calls.append(1) or fused(*a))
-    x = torch.randn(9, 5, device=DEVICE)
+    monkeypatch.setattr(
+        kernels_mlp, "_mlp_backward_fused", lambda *a: calls.append(2) or fused_bwd(*a)
+    )
+    x = torch.randn(9, 5, device=DEVICE, requires_grad=True)
     cases = [
         ([torch.randn(129, 5), torch.randn(2, 129)], {}),
         ([torch.randn(5, 5) for _ in range(9)], {}),
@@ -230,17 +244,20 @@ def test_triton_fused_forward_limits(monkeypatch):
     with hpml_ops.use_backend("triton"):
         for ws, extra in cases:
             ws = [w.to(DEVICE) for w in ws]
-            torch.testing.assert_close(
-                hpml_ops.mlp(x, ws, **extra), reference.mlp(x, ws, **extra), atol=1e-4, rtol=1e-4
-            )
+            got = hpml_ops.mlp(x, ws, **extra)
+            want = reference.mlp(x, ws, **extra)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            (gx,) = torch.autograd.grad(got.sum(), x)
+            (wx,) = torch.autograd.grad(want.sum(), x)
+            torch.testing.assert_close(gx, wx, atol=1e-4, rtol=1e-4)
         hpml_ops.mlp(x.double(), [torch.randn(3, 5, device=DEVICE, dtype=torch.float64)])
         assert calls == []
         monkeypatch.setenv("HPML_MLP_KERNEL", "layers")
         hpml_ops.mlp(x, [torch.randn(3, 5, device=DEVICE)])
         assert calls == []
         monkeypatch.delenv("HPML_MLP_KERNEL")
-        hpml_ops.mlp(x, [torch.randn(3, 5, device=DEVICE)])
-        assert calls == [1]
+        hpml_ops.mlp(x, [torch.randn(3, 5, device=DEVICE)]).sum().backward()
+        assert calls == [1, 2]
 
 
 @pytest.mark.parametrize("config", ["deep-odd", "leaky-bn", "tanh-bn-some"])
