@@ -126,6 +126,36 @@ def test_large_product_through_onednn():
         torch.testing.assert_close(leaves[2].grad.double(), g.double().sum(0), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize(
+    "activation,slope",
+    [
+        ("relu", 0.0),
+        ("leaky_relu", 0.2),
+        ("leaky_relu", -0.5),
+        ("sigmoid", 0.0),
+        ("tanh", 0.0),
+        ("none", 0.0),
+    ],  # fmt: skip
+)
+def test_large_bf16_product(activation, slope):
+    """A bf16 product of 2^30 multiply-adds (where the fp32 forward goes to oneDNN; bf16 stays on
+    addmm with our epilogue, see benchmarks/NOTES.md): output and every gradient against float64
+    with torch's own bf16 error as the yardstick, a row of NaN included (ReLU keeps NaN; its
+    backward passes the gradient there, as torch's)."""
+    if DEVICE != "cpu" or "cpp" not in hpml_ops.available_backends("cpu"):
+        pytest.skip("the C++ CPU kernel's large-product path (cpp backend unavailable)")
+    x, w, b = _make((2048, 512), 1024, torch.bfloat16, seed=43)
+    assert 2048 * 512 * 1024 >= 2**30
+    x[7] = float("nan")
+    check_against_oracle(
+        _ours("cpp", activation, slope),
+        _torch(activation, slope),
+        (x, w, b),
+        (True, True, True),
+        names=("input", "weight", "bias"),
+    )
+
+
 @pytest.mark.parametrize("slope", [0.2, -0.5])
 @pytest.mark.parametrize("backend", backend_params(include_reference=False))
 def test_leaky_relu_slopes(backend, slope):
