@@ -262,3 +262,30 @@ def test_vmap_where_one_call_cannot_batch(backend):
             tf.vmap(lambda xi: hpml_ops.batch_norm(xi, rm, rv, training=True))(x.expand(3, 7, 5))
     torch.testing.assert_close(out, torch.relu(torch.einsum("mk,bnk->bmn", x, ws)))
     assert mask.shape[0] == 3
+
+
+@pytest.mark.parametrize("backend", backend_params(include_reference=False))
+def test_vmap_edge_sizes(backend):
+    """vmap over no samples, and samples with no features (in_features = 0: the bias alone), as
+    torch's results."""
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(3, 4, generator=g).to(**F64)
+    w0, b = torch.randn(3, 0).to(**F64), torch.randn(3, generator=g).to(**F64)
+    cases = [
+        (lambda x: hpml_ops.linear_act(x, w, b, "relu"), lambda x: F.relu(F.linear(x, w, b)),
+         torch.randn(0, 5, 4).to(**F64)),
+        (lambda x: hpml_ops.mlp(x, [w]), lambda x: F.linear(x, w), torch.randn(0, 5, 4).to(**F64)),
+        (lambda x: hpml_ops.linear_act(x, w0, b, "tanh"), lambda x: torch.tanh(F.linear(x, w0, b)),
+         torch.randn(2, 5, 0).to(**F64)),
+        (lambda x: hpml_ops.mlp(x, [w0], [b]), lambda x: F.linear(x, w0, b),
+         torch.randn(2, 5, 0).to(**F64)),
+        (lambda x: hpml_ops.binary_cross_entropy_with_logits(x, x.detach().sigmoid()),
+         lambda x: F.binary_cross_entropy_with_logits(x, x.detach().sigmoid()),
+         torch.randn(0, 5, 4).to(**F64)),
+    ]  # fmt: skip
+    # (batch norm over no samples: torch's own batching rule raises "input tensor must have at
+    # least one element", where ours returns the empty result, as both do outside vmap)
+    for ours, theirs, x in cases:
+        with hpml_ops.use_backend(backend):
+            got = tf.vmap(ours)(x)
+        torch.testing.assert_close(got, tf.vmap(theirs)(x))

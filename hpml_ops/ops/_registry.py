@@ -427,12 +427,13 @@ def vmap_by_loop(info, in_dims, args, op):
     return stack(outs), 0
 
 
-def vmap_rows(t: Tensor, batch: int) -> tuple[Tensor, int | None]:
-    """An output of a call on ``batch`` blocks of rows stacked along dimension 0: as the batch of
-    ``batch`` such outputs along dimension 0; a 1-D empty output (an absent one) unbatched."""
+def vmap_rows(t: Tensor, batch: int, rows: int) -> tuple[Tensor, int | None]:
+    """An output of a call on ``batch`` blocks of ``rows`` rows stacked along dimension 0: as the
+    batch of ``batch`` such outputs along dimension 0; a 1-D empty output (an absent one)
+    unbatched."""
     if t.dim() == 1 and t.numel() == 0:
         return t, None
-    return t.reshape(batch, t.shape[0] // batch, *t.shape[1:]), 0
+    return t.reshape(batch, rows, *t.shape[1:]), 0
 
 
 def autocast_on(device_type: str) -> bool:

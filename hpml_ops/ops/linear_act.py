@@ -240,8 +240,9 @@ def _vmap_fwd(info, in_dims, input, weight, bias, activation, negative_slope, *,
     if in_dims[1] is not None or in_dims[2] is not None:
         return vmap_by_loop(info, in_dims, (input, weight, bias, activation, negative_slope), op)
     x = input.movedim(in_dims[0], 0)
-    out, mask = op(x.reshape(-1, x.shape[-1]), weight, bias, activation, negative_slope)
-    (out, out_dim), (mask, mask_dim) = vmap_rows(out, x.shape[0]), vmap_rows(mask, x.shape[0])
+    out, mask = op(x.flatten(0, 1), weight, bias, activation, negative_slope)
+    batch, rows = x.shape[0], x.shape[1]
+    (out, out_dim), (mask, mask_dim) = vmap_rows(out, batch, rows), vmap_rows(mask, batch, rows)
     return (out, mask), (out_dim, mask_dim)
 
 

@@ -436,11 +436,11 @@ def _vmap_fwd(info, in_dims, *args, op):
     if (training and any(flags)) or any(d is not None for ds in dims for d in ds):
         return vmap_by_loop(info, in_dims, args, op)
     x = input.movedim(in_dims[0], 0)
-    batch = x.shape[0]
-    out, saved = op(x.reshape(-1, x.shape[-1]), *args[1:])
-    out, out_dim = vmap_rows(out, batch)
+    batch, rows = x.shape[0], x.shape[1]
+    out, saved = op(x.flatten(0, 1), *args[1:])
+    out, out_dim = vmap_rows(out, batch, rows)
     # Per row: the 2-D ones (layer outputs, masks); per channel (statistics) or absent: 1-D.
-    saved = [vmap_rows(t, batch) if t.dim() == 2 else (t, None) for t in saved]
+    saved = [vmap_rows(t, batch, rows) if t.dim() == 2 else (t, None) for t in saved]
     return (out, [t for t, _ in saved]), (out_dim, [d for _, d in saved])
 
 
