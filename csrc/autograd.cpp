@@ -54,7 +54,7 @@ bool differentiable_backward(const variable_list& inputs) {
 // Whether autograd has anything to record: grad mode on and an input that requires grad or
 // carries a forward-mode tangent. When not (inference, evaluation, inputs that need no
 // gradient), the op runs below autograd at once: torch::autograd::Function::apply would still
-// make a node, a context and its saved data, ~1 us of a 1-row call's ~8 (NOTES, per-call v4).
+// make a node, a context and its saved data: ~3.5 us of a 1-row call (NOTES, per-call v4).
 bool tracked(const at::Tensor& t) {
   return t.defined() && (t.requires_grad() || t._fw_grad(/*level=*/0).defined());
 }
