@@ -266,11 +266,6 @@ def _mlp_fused_bwd_kernel(
                  mask=row_ok & (offs_n[None, :] < d0))  # fmt: skip
 
 
-def _fused_width(input, weights) -> int:
-    widths = [input.shape[1], *(w.shape[0] for w in weights)]
-    return max(16, triton.next_power_of_2(max(widths)))
-
-
 def _fusable(input, weights, batch_norm) -> bool:
     """Whether the fused forward runs this net (module docstring)."""
     return (
@@ -298,14 +293,32 @@ def _config(d: int, wide: bool, backward: bool = False) -> tuple[int, int, int]:
     return {16: (64, 16, 4), 32: (64, 32, 4)}.get(d, (32, 32, 8))
 
 
+def _pad(ts, filler):
+    """``ts`` as the kernels' MAX_FUSED_LAYERS pointer arguments, ``filler`` for the unused."""
+    return [*ts, *([filler] * (MAX_FUSED_LAYERS - len(ts)))]
+
+
+def _fused_operands(input, weights, backward: bool):
+    """What both fused launchers pass: the input with a unit column stride, the weights
+    contiguous, the widths d0..d8 (0 past the last layer), the grid and the compile-time
+    arguments for the padded width, dtype and direction."""
+    x = input if input.stride(1) == 1 else input.contiguous()
+    dims = [input.shape[1], *(w.shape[0] for w in weights)]
+    dt = input.dtype
+    d = max(16, triton.next_power_of_2(max(dims)))  # the padded width
+    block_m, block_k, warps = _config(d, dt != torch.float32, backward)
+    meta = dict(PRECISION=_precision(dt), DOT_FP32=_dot_fp32(dt), ACC=tl_acc_dtype(dt), D=d,
+                BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps)  # fmt: skip
+    grid = (triton.cdiv(input.shape[0], block_m),)
+    widths = [*dims, *([0] * (MAX_FUSED_LAYERS + 1 - len(dims)))]
+    return x, [w.contiguous() for w in weights], dims, widths, grid, meta
+
+
 def _mlp_fused(input, weights, biases, activation, negative_slope, output_activation):
     """The forward as one kernel: (output, saved) as ``mlp`` returns them."""
-    M = input.shape[0]
-    n_layers = len(weights)
-    dims = [input.shape[1], *(w.shape[0] for w in weights)]
+    M, n_layers = input.shape[0], len(weights)
     dev, dt = input.device, input.dtype
-    x = input if input.stride(1) == 1 else input.contiguous()
-    ws = [w.contiguous() for w in weights]
+    x, ws, dims, widths, grid, meta = _fused_operands(input, weights, backward=False)
     bs = [b.contiguous() if b is not None else x for b in biases]
     hs = [torch.empty((M, n), dtype=dt, device=dev) for n in dims[1:-1]]
     acts = [activation] * (n_layers - 1) + [output_activation]
@@ -315,28 +328,12 @@ def _mlp_fused(input, weights, biases, activation, negative_slope, output_activa
         for n, a in zip(dims[1:], acts, strict=True)
     ]  # fmt: skip
     y = torch.empty((M, dims[-1]), dtype=dt, device=dev)
-
-    def pad(ts, filler):
-        return [*ts, *([filler] * (MAX_FUSED_LAYERS - len(ts)))]
-
-    d = _fused_width(input, weights)
-    block_m, block_k, warps = _config(d, dt != torch.float32)
-    _mlp_fused_fwd_kernel[(triton.cdiv(M, block_m),)](
-        x, y, *pad(ws, x), *pad(bs, x), *pad(hs, x),
-        *pad([m if m.numel() else x for m in masks], x),
-        *dims, *([0] * (MAX_FUSED_LAYERS + 1 - len(dims))), M, x.stride(0),
-        float(negative_slope),
-        L=n_layers,
+    _mlp_fused_fwd_kernel[grid](
+        x, y, *_pad(ws, x), *_pad(bs, x), *_pad(hs, x),
+        *_pad([m if m.numel() else x for m in masks], x), *widths, M, x.stride(0),
+        float(negative_slope), L=n_layers,
         HAS_BIAS=sum(1 << i for i, b in enumerate(biases) if b is not None),
-        ACT=activation,
-        OUT_ACT=output_activation,
-        PRECISION=_precision(dt),
-        DOT_FP32=_dot_fp32(dt),
-        ACC=tl_acc_dtype(dt),
-        D=d,
-        BLOCK_M=block_m,
-        BLOCK_K=block_k,
-        num_warps=warps,
+        ACT=activation, OUT_ACT=output_activation, **meta,
     )  # fmt: skip
 
     def none():
@@ -356,28 +353,18 @@ def _mlp_backward_fused(
     """The backward of a net the fused forward ran: dZ of every layer and dX in one kernel, then
     each layer's dW and db from its dZ (linear_act's weight-gradient kernel, deterministic)."""
     M, n_layers = input.shape[0], len(weights)
-    dims = [input.shape[1], *(w.shape[0] for w in weights)]
     dev, dt = input.device, input.dtype
-    x = input if input.stride(1) == 1 else input.contiguous()
-    ws = [w.contiguous() for w in weights]
+    x, ws, dims, widths, grid, meta = _fused_operands(input, weights, backward=True)
     hs = [saved[SAVED_PER_LAYER * i] for i in range(n_layers - 1)]
     masks = [saved[SAVED_PER_LAYER * i + 1] for i in range(n_layers - 1)] + [saved[-1]]
     zs = [torch.empty((M, n), dtype=dt, device=dev) for n in dims[1:]]
     gx = torch.empty_like(x) if input_grad else input.new_empty((0,))
     g = grad.contiguous()
-
-    def pad(ts, filler):
-        return [*ts, *([filler] * (MAX_FUSED_LAYERS - len(ts)))]
-
-    d = _fused_width(input, weights)
-    block_m, block_k, warps = _config(d, dt != torch.float32, backward=True)
-    _mlp_fused_bwd_kernel[(triton.cdiv(M, block_m),)](
-        g, output, gx if input_grad else g, *pad(ws, g), *pad(hs, g),
-        *pad([m if m.numel() else g for m in masks], g), *pad(zs, g),
-        *dims, *([0] * (MAX_FUSED_LAYERS + 1 - len(dims))), M, float(negative_slope),
-        L=n_layers, ACT=activation, OUT_ACT=output_activation, NEED_GX=bool(input_grad),
-        PRECISION=_precision(dt), DOT_FP32=_dot_fp32(dt), ACC=tl_acc_dtype(dt), D=d,
-        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+    _mlp_fused_bwd_kernel[grid](
+        g, output, gx if input_grad else g, *_pad(ws, g), *_pad(hs, g),
+        *_pad([m if m.numel() else g for m in masks], g), *_pad(zs, g), *widths, M,
+        float(negative_slope), L=n_layers, ACT=activation, OUT_ACT=output_activation,
+        NEED_GX=bool(input_grad), **meta,
     )  # fmt: skip
     gw = [input.new_empty((0,)) for _ in range(n_layers)]
     gb = [input.new_empty((0,)) for _ in range(n_layers)]

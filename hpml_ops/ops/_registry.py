@@ -159,10 +159,22 @@ class Op:
             and forward_ad._current_level < 0
         )
 
-    def under_vmap(self, backend: str) -> Callable:
-        """``backend``'s forward op itself, for a call under ``torch.vmap`` (only): its batching
-        rule (``OpSpec.vmap``) runs it on the unbatched tensors, below the transform, where its
-        autograd formula works as in eager mode."""
+    def forward_for(
+        self, backend: str, *unbatched: Tensor | None, batchable: bool = True
+    ) -> Callable | None:
+        """The forward a public function's full path calls on ``backend`` (resolved), or None
+        where the op must run as torch's own (the reference backend). Under ``torch.vmap`` alone
+        it is the op itself, whose batching rule (``OpSpec.vmap``) runs it on the unbatched
+        tensors below the transform, where its autograd formula works as in eager mode; unless
+        one call cannot batch it: one of ``unbatched`` is batched, or not ``batchable`` (e.g.
+        per-sample batch statistics of a whole MLP). Under the other transforms:
+        ``torch_ops_needed``."""
+        if backend == "reference":
+            return None
+        if not transforms_active():
+            return self.forward[backend]
+        if not batchable or torch_ops_needed(*unbatched):
+            return None
         return self.pair(backend)[0]
 
     def pair(self, backend: str) -> tuple[torch._ops.OpOverload, torch._ops.OpOverload]:

@@ -22,7 +22,6 @@ from ._registry import (
     OpSpec,
     on_device,
     register,
-    torch_ops_needed,
     transforms_active,
     update_running,
 )
@@ -194,14 +193,13 @@ def _run(
             return input.clone()
         check_args(*args, training, eps, code)
         backend = OP.resolve(input.device, backend)
-        transformed = transforms_active()  # under torch.vmap alone: our op, its batching rule
-        if backend == "reference" or (transformed and torch_ops_needed()):
+        call = OP.forward_for(backend)
+        if call is None:
             return OP.reference(
                 input, running_mean, running_var, weight, bias, training, momentum, eps, activation
             )
-        if transformed and training:
+        if training and transforms_active():
             _check_vmap_running_stats(input, running_mean, running_var)
-        call = OP.under_vmap(backend) if transformed else OP.forward[backend]
         out, mean, _, var = call(*args, bool(training), float(eps), code)
     if training and running_mean is not None and running_var is not None and input.numel() > 0:
         # running = (1 - momentum) running + momentum batch (the variance unbiased), as torch,

@@ -22,8 +22,6 @@ from ._registry import (
     autocast_to,
     promote,
     register,
-    torch_ops_needed,
-    transforms_active,
 )
 
 _OP = "binary_cross_entropy_with_logits"
@@ -151,15 +149,14 @@ def _run(input, target, weight, reduction, pos_weight, backend: str | None) -> T
                 f"'{name}'. This input cannot have requires_grad True."
             )
     backend = OP.resolve(input.device, backend)
-    transformed = transforms_active()  # under torch.vmap alone: our op, with its batching rule
-    if backend == "reference" or (transformed and torch_ops_needed()):
+    call = OP.forward_for(backend)
+    if call is None:
         return OP.reference(input, target, weight, reduction, pos_weight)
     input, target, weight, pos_weight = autocast_to(
         torch.float32, input.device.type, input, target, weight, pos_weight
     )
     out_dtype = target.dtype
     input, target, weight, pos_weight = promote(input, target, weight, pos_weight)
-    call = OP.under_vmap(backend) if transformed else OP.forward[backend]
     out = call(input, target, weight, pos_weight, code)
     return out if out.dtype == out_dtype else out.to(out_dtype)
 

@@ -21,8 +21,6 @@ from ._registry import (
     autocast_on,
     on_device,
     register,
-    torch_ops_needed,
-    transforms_active,
     vmap_by_loop,
     vmap_rows,
 )
@@ -174,12 +172,11 @@ def _run(input, weight, bias, activation, negative_slope, backend: str | None) -
         return OP.reference(input, weight, bias, activation, negative_slope)
     check_args(input, weight, bias, code, negative_slope, op=False)
     backend = OP.resolve(input.device, backend)
-    # Under torch.vmap alone our op runs, its batching rule folding the batch into the rows; a
-    # weight or bias batched per sample is torch's work (a batched matrix product).
-    transformed = transforms_active()
-    if backend == "reference" or (transformed and torch_ops_needed(weight, bias)):
+    # Under torch.vmap its batching rule folds the batch into the rows; a weight or bias batched
+    # per sample is torch's work (a batched matrix product).
+    call = OP.forward_for(backend, weight, bias)
+    if call is None:
         return OP.reference(input, weight, bias, activation, negative_slope)
-    call = OP.under_vmap(backend) if transformed else OP.forward[backend]
     n, k = weight.shape
     if bias is not None and bias.shape != (n,):
         bias = bias.expand(n)  # a 0-d or one-element bias, which F.linear broadcasts
