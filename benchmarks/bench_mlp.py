@@ -12,11 +12,16 @@ Models (the same weights for every provider):
 
 fp32 on the CPU, fp16 on a GPU by default (``--dtype``).
 
+Providers: ``eager`` (the ``nn.Sequential``), ``fused-mlp`` (``FusedMLP``, then the library's
+loss op), ``fused-loss`` (``FusedMLP.bce_with_logits``: the net and the loss as one op each way,
+``hpml_ops.mlp_bce_with_logits``; its ``fwd`` and ``fwd+bwd`` are ``fused-mlp``'s), ``per-layer``
+(``convert(fuse_mlp=False)``), ``compile`` (``torch.compile`` of the ``nn.Sequential``).
+
 Modes: ``fwd`` (training-mode forward, no graph kept: under ``torch.no_grad``), ``fwd+bwd``
-(forward, sum of squares, backward), ``step`` (zero_grad, forward, BCE-with-logits loss against
-fixed targets, backward, SGD with momentum 0.9). Providers timed interleaved on the CPU;
-"vs_eager" is the median of the per-round ratios. FLOPs: 2 x batch x (sum of in x out) forward,
-twice that backward.
+(forward, sum of squares, backward), ``loss`` (forward, BCE-with-logits loss against fixed
+targets, backward), ``step`` (zero_grad, the ``loss`` mode, SGD with momentum 0.9). Providers
+timed interleaved on the CPU; "vs_eager" is the median of the per-round ratios. FLOPs:
+2 x batch x (sum of in x out) forward, twice that backward.
 
     python benchmarks/bench_mlp.py [--models small,net,wide] [--threads N]
 """
@@ -32,8 +37,8 @@ from torch import nn
 
 import hpml_ops
 
-PROVIDERS = ("eager", "fused-mlp", "per-layer", "compile")
-MODES = ("fwd", "fwd+bwd", "step")
+PROVIDERS = ("eager", "fused-mlp", "fused-loss", "per-layer", "compile")
+MODES = ("fwd", "fwd+bwd", "loss", "step")
 
 
 def _stack(widths, bn: bool) -> nn.Sequential:
@@ -58,7 +63,7 @@ CPU_MODELS = ("small", "net", "wide")
 def build(provider: str, model: nn.Sequential, backend: str) -> tuple[nn.Module, nn.Module]:
     model = copy.deepcopy(model)
     loss: nn.Module = nn.BCEWithLogitsLoss()
-    if provider == "fused-mlp":
+    if provider in ("fused-mlp", "fused-loss"):
         model = hpml_ops.nn.FusedMLP(*model, backend=backend)
         loss = hpml_ops.convert(loss, backend=backend)
     elif provider == "per-layer":
@@ -69,8 +74,18 @@ def build(provider: str, model: nn.Sequential, backend: str) -> tuple[nn.Module,
     return model, loss
 
 
-def make_case(mode: str, model: nn.Module, loss_fn: nn.Module, x, y):
+def make_case(mode: str, model: nn.Module, loss_fn: nn.Module, x, y, fused_loss: bool = False):
     params = list(model.parameters())
+    if fused_loss:
+
+        def loss_of(x, y):
+            return model.bce_with_logits(x, y)
+
+    else:
+
+        def loss_of(x, y):
+            return loss_fn(model(x), y)
+
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     if mode == "fwd":
 
@@ -86,16 +101,23 @@ def make_case(mode: str, model: nn.Module, loss_fn: nn.Module, x, y):
                 p.grad = None
 
         return (lambda: model(x).square().sum().backward()), clear
+    if mode == "loss":
+
+        def clear():
+            for p in params:
+                p.grad = None
+
+        return (lambda: loss_of(x, y).backward()), clear
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        loss_of(x, y).backward()
         opt.step()
 
     return step, None
 
 
-def main(argv=None) -> int:
+def main(argv=None, name: str = "mlp") -> int:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--models", default=None, help="small,net,wide (CPU); narrow64,wide (GPU)")
     p.add_argument("--threads", type=int, default=None)
@@ -127,7 +149,10 @@ def main(argv=None) -> int:
         torch._dynamo.reset()
         built = {prov: build(prov, model, backend) for prov in providers}
         for mode in modes:
-            cases = {prov: make_case(mode, m, lf, x, y) for prov, (m, lf) in built.items()}
+            cases = {
+                prov: make_case(mode, m, lf, x, y, fused_loss=prov == "fused-loss")
+                for prov, (m, lf) in built.items()
+            }
             for fn, setup in cases.values():  # warm-up, compilation included
                 for _ in range(2):
                     if setup:
@@ -135,10 +160,10 @@ def main(argv=None) -> int:
                     fn()
             sync(device)
             res = bench_side_by_side(cases, device, min_time=args.min_time)
-            flops = {"fwd": 2, "fwd+bwd": 6, "step": 6}[mode] * macs
+            flops = {"fwd": 2, "fwd+bwd": 6, "loss": 6, "step": 6}[mode] * macs
             key = {"model": name, "batch": batch, "mode": mode, "dtype": meta["dtype"]}
             record_flops(rows, key, f"{name:>5} {mode:>7}", res, flops)
-    return finish("mlp", meta, rows, args)
+    return finish(name, meta, rows, args)
 
 
 if __name__ == "__main__":

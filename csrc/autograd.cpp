@@ -26,15 +26,15 @@
 #include <string>
 #include <tuple>
 
-#include "constants.h"
 #include "common.h"
+#include "constants.h"
+#include "mlp_bce_with_logits.h"
 
 namespace hpml {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptTensor = std::optional<at::Tensor>;
 
 // An optional argument saved as a (possibly undefined) tensor, handed back to an op.
 OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
@@ -322,15 +322,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_autograd(
 // ---- mlp ------------------------------------------------------------------------------------
 
 // Absent biases and batch-norm tensors are empty (0, 0) tensors in the lists (schema.py).
-using MlpSig = std::tuple<at::Tensor, std::vector<at::Tensor>>(
-    const at::Tensor&, at::TensorList, at::TensorList, const c10::List<bool>&, at::TensorList,
-    at::TensorList, at::TensorList, at::TensorList, bool, double, int64_t, double, int64_t);
-using MlpBwdSig = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                             std::vector<at::Tensor>, std::vector<at::Tensor>>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList,
-    const c10::List<bool>&, at::TensorList, at::TensorList, bool, int64_t, double, int64_t, bool,
-    const c10::List<bool>&, const c10::List<bool>&, const c10::List<bool>&,
-    const c10::List<bool>&);
+using mlp_bce_ops::MlpBwdSig;
+using mlp_bce_ops::MlpSig;
 
 at::Tensor activate(const at::Tensor& z, Act act, double slope) {
   switch (act) {
@@ -378,6 +371,73 @@ at::Tensor mlp_recompute(const at::Tensor& input, at::TensorList weights, at::Te
   return activate(h, out_act, slope);
 }
 
+// The gradients of y (with grad y_grad) by torch::autograd::grad with a graph, for the inputs
+// wanted, each placed at its argument's position in a formula's result (a backward whose
+// gradients will be differentiated again).
+struct GraphGrads {
+  variable_list wrt;
+  std::vector<int64_t> at_position;
+  void want(bool needed, const at::Tensor& t, int64_t position) {
+    if (!needed) return;
+    wrt.push_back(t);
+    at_position.push_back(position);
+  }
+  void into(variable_list& result, const at::Tensor& y, const at::Tensor& y_grad) const {
+    const auto g = torch::autograd::grad({y}, wrt, {y_grad}, /*retain_graph=*/true,
+                                         /*create_graph=*/true, /*allow_unused=*/true);
+    for (size_t k = 0; k < g.size(); ++k) result[at_position[k]] = g[k];
+  }
+};
+
+// An MLP's parameters among a formula's inputs: which gradients are wanted (needs_input_grad,
+// from the variable index of the first weight: weights, biases, bn_weights, bn_biases follow),
+// and the argument positions they go to in the result (from the first weight's: weights (L),
+// biases (L), the batch_norm flags, bn_weights (L - 1), bn_biases (L - 1)).
+struct NetGrads {
+  int64_t L, H, aw, ab, abw, abb;
+  c10::List<bool> wg, bg, bwg, bbg;
+  bool any = false;
+  NetGrads(AutogradContext* ctx, int64_t L_, int64_t first_var, int64_t first_arg)
+      : L(L_), H(L_ - 1), aw(first_arg), ab(aw + L), abw(ab + L + 1), abb(abw + H) {
+    for (int64_t i = 0; i < L; ++i) {
+      wg.push_back(ctx->needs_input_grad(first_var + i));
+      bg.push_back(ctx->needs_input_grad(first_var + L + i));
+      any = any || wg.get(i) || bg.get(i);
+    }
+    for (int64_t i = 0; i < H; ++i) {
+      bwg.push_back(ctx->needs_input_grad(first_var + 2 * L + i));
+      bbg.push_back(ctx->needs_input_grad(first_var + 2 * L + H + i));
+      any = any || bwg.get(i) || bbg.get(i);
+    }
+  }
+  // The end of the parameters' positions (the running statistics' two lists follow).
+  int64_t end() const { return abb + 3 * H; }
+  void want(GraphGrads& g, at::TensorList weights, at::TensorList biases,
+            at::TensorList bn_weights, at::TensorList bn_biases) const {
+    for (int64_t i = 0; i < L; ++i) {
+      g.want(wg.get(i), weights[i], aw + i);
+      g.want(bg.get(i), biases[i], ab + i);
+    }
+    for (int64_t i = 0; i < H; ++i) {
+      g.want(bwg.get(i), bn_weights[i], abw + i);
+      g.want(bbg.get(i), bn_biases[i], abb + i);
+    }
+  }
+  // The backward op's gradients (empty where not asked) at their positions.
+  void place(variable_list& result, const std::vector<at::Tensor>& gw,
+             const std::vector<at::Tensor>& gb, const std::vector<at::Tensor>& gbw,
+             const std::vector<at::Tensor>& gbb) const {
+    for (int64_t i = 0; i < L; ++i) {
+      if (wg.get(i)) result[aw + i] = gw[i];
+      if (bg.get(i)) result[ab + i] = gb[i];
+    }
+    for (int64_t i = 0; i < H; ++i) {
+      if (bwg.get(i)) result[abw + i] = gbw[i];
+      if (bbg.get(i)) result[abb + i] = gbb[i];
+    }
+  }
+};
+
 // Autograd sees the tensors of every list as inputs, in order: input, weights (L), biases (L),
 // bn_weights, bn_biases, running_means, running_vars (L - 1 each).
 class MlpFn : public torch::autograd::Function<MlpFn> {
@@ -420,26 +480,11 @@ class MlpFn : public torch::autograd::Function<MlpFn> {
     static const auto op = op_handle<MlpBwdSig>(HPML_OP("mlp_backward"));
     const int64_t L = ctx->saved_data["L"].toInt();
     const int64_t H = L - 1;
-    // Indices of the tensor inputs (what needs_input_grad counts) and positions of all the
-    // arguments (what the result lists: the batch_norm flags sit between biases and bn_weights,
-    // five scalars end it).
-    const int64_t vw = 1, vb = vw + L, vbw = vb + L, vbb = vbw + H;
-    const int64_t aw = 1, ab = aw + L, abw = ab + L + 1, abb = abw + H;
-    variable_list result(abb + 3 * H + 5);
+    // The parameters from variable 1 and argument 1; five scalars end the arguments.
+    const NetGrads net(ctx, L, 1, 1);
+    variable_list result(net.end() + 5);
     const bool ig = ctx->needs_input_grad(0);
-    c10::List<bool> wg, bg, bwg, bbg;
-    bool any = ig;
-    for (int64_t i = 0; i < L; ++i) {
-      wg.push_back(ctx->needs_input_grad(vw + i));
-      bg.push_back(ctx->needs_input_grad(vb + i));
-      any = any || wg.get(i) || bg.get(i);
-    }
-    for (int64_t i = 0; i < H; ++i) {
-      bwg.push_back(ctx->needs_input_grad(vbw + i));
-      bbg.push_back(ctx->needs_input_grad(vbb + i));
-      any = any || bwg.get(i) || bbg.get(i);
-    }
-    if (!grads[0].defined() || !any) return result;  // no gradient for the output: none
+    if (!grads[0].defined() || !(ig || net.any)) return result;  // no gradient: none
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& input = saved[0];
     const at::Tensor& out = saved[1];
@@ -462,49 +507,18 @@ class MlpFn : public torch::autograd::Function<MlpFn> {
       const at::Tensor y = mlp_recompute(input, weights, biases, batch_norm, bn_weights, bn_biases,
                                          fwd_saved, training, ctx->saved_data["eps"].toDouble(),
                                          static_cast<Act>(act), slope, static_cast<Act>(out_act));
-      variable_list wrt;
-      std::vector<int64_t> at_position;
-      auto want = [&](bool needed, const at::Tensor& t, int64_t position) {
-        if (!needed) return;
-        wrt.push_back(t);
-        at_position.push_back(position);
-      };
-      want(ig, input, 0);
-      for (int64_t i = 0; i < L; ++i) {
-        want(wg.get(i), weights[i], aw + i);
-        want(bg.get(i), biases[i], ab + i);
-      }
-      for (int64_t i = 0; i < H; ++i) {
-        want(bwg.get(i), bn_weights[i], abw + i);
-        want(bbg.get(i), bn_biases[i], abb + i);
-      }
-      const auto g = torch::autograd::grad({y}, wrt, {grads[0]}, /*retain_graph=*/true,
-                                           /*create_graph=*/true, /*allow_unused=*/true);
-      for (size_t k = 0; k < g.size(); ++k) result[at_position[k]] = g[k];
+      GraphGrads g;
+      g.want(ig, input, 0);
+      net.want(g, weights, biases, bn_weights, bn_biases);
+      g.into(result, y, grads[0]);
       return result;
     }
-    variable_list g;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      auto [gx, gw, gb, gbw, gbb] =
-          op.call(grads[0], input, out, weights, biases, batch_norm, bn_weights, fwd_saved,
-                  training, act, slope, out_act, ig, wg, bg, bwg, bbg);
-      g.push_back(ig ? gx : at::Tensor());
-      for (int64_t i = 0; i < L; ++i) g.push_back(wg.get(i) ? gw[i] : at::Tensor());
-      for (int64_t i = 0; i < L; ++i) g.push_back(bg.get(i) ? gb[i] : at::Tensor());
-      for (int64_t i = 0; i < H; ++i) g.push_back(bwg.get(i) ? gbw[i] : at::Tensor());
-      for (int64_t i = 0; i < H; ++i) g.push_back(bbg.get(i) ? gbb[i] : at::Tensor());
-    }
-    // g: input, weights, biases, bn_weights, bn_biases, each at its argument's position.
-    result[0] = g[0];
-    for (int64_t i = 0; i < L; ++i) {
-      result[aw + i] = g[1 + i];
-      result[ab + i] = g[1 + L + i];
-    }
-    for (int64_t i = 0; i < H; ++i) {
-      result[abw + i] = g[1 + 2 * L + i];
-      result[abb + i] = g[1 + 2 * L + H + i];
-    }
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [gx, gw, gb, gbw, gbb] =
+        op.call(grads[0], input, out, weights, biases, batch_norm, bn_weights, fwd_saved,
+                training, act, slope, out_act, ig, net.wg, net.bg, net.bwg, net.bbg);
+    if (ig) result[0] = gx;
+    net.place(result, gw, gb, gbw, gbb);
     return result;
   }
 };
@@ -526,6 +540,128 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_autograd(
   return {r[0], std::vector<at::Tensor>(r.begin() + 1, r.end())};
 }
 
+// ---- mlp_bce_with_logits ------------------------------------------------------------------
+
+using mlp_bce_ops::MlpBceBwdSig;
+using mlp_bce_ops::MlpBceSig;
+
+// Autograd sees as inputs, in order: input, target, weight and pos_weight (when given), then the
+// tensors of every list: weights (L), biases (L), bn_weights, bn_biases, running_means,
+// running_vars (L - 1 each). Outputs: the loss, then the logits and the saved tensors (not
+// differentiable).
+class MlpBceFn : public torch::autograd::Function<MlpBceFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
+                               const at::Tensor& target, const OptTensor& weight,
+                               const OptTensor& pos_weight, int64_t reduction,
+                               at::TensorList weights, at::TensorList biases,
+                               c10::List<bool> batch_norm, at::TensorList bn_weights,
+                               at::TensorList bn_biases, at::TensorList running_means,
+                               at::TensorList running_vars, bool training, double eps,
+                               int64_t activation, double negative_slope) {
+    static const auto op = op_handle<MlpBceSig>(HPML_OP("mlp_bce_with_logits"));
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, logits, saved] =
+        op.call(input, target, weight, pos_weight, reduction, weights, biases, batch_norm,
+                bn_weights, bn_biases, running_means, running_vars, training, eps, activation,
+                negative_slope);
+    const int64_t L = static_cast<int64_t>(weights.size());
+    variable_list keep{input, target, weight.value_or(at::Tensor()),
+                       pos_weight.value_or(at::Tensor()), logits};
+    keep.insert(keep.end(), weights.begin(), weights.end());
+    keep.insert(keep.end(), biases.begin(), biases.end());
+    keep.insert(keep.end(), bn_weights.begin(), bn_weights.end());
+    keep.insert(keep.end(), bn_biases.begin(), bn_biases.end());  // (for a second backward)
+    keep.insert(keep.end(), saved.begin(), saved.end());
+    ctx->save_for_backward(keep);
+    ctx->saved_data["L"] = L;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["batch_norm"] = batch_norm;
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["negative_slope"] = negative_slope;
+    ctx->saved_data["extra"] = static_cast<int64_t>(present(weight)) + present(pos_weight);
+    variable_list result{loss, logits};
+    result.insert(result.end(), saved.begin(), saved.end());
+    ctx->mark_non_differentiable(variable_list(result.begin() + 1, result.end()));
+    ctx->set_materialize_grads(false);
+    return result;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<MlpBceBwdSig>(HPML_OP("mlp_bce_with_logits_backward"));
+    const int64_t L = ctx->saved_data["L"].toInt();
+    const int64_t H = L - 1;
+    // The parameters after input, target, weight and pos_weight (variables when given) and
+    // reduction; four scalars end the arguments.
+    const NetGrads net(ctx, L, 2 + ctx->saved_data["extra"].toInt(), 5);
+    variable_list result(net.end() + 4);
+    const bool ig = ctx->needs_input_grad(0), tg = ctx->needs_input_grad(1);
+    if (!grads[0].defined() || !(ig || tg || net.any)) return result;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &input = saved[0], &target = saved[1], &logits = saved[4];
+    const OptTensor weight = opt(saved[2]), pos_weight = opt(saved[3]);
+    const at::TensorList weights(saved.data() + 5, L);
+    const at::TensorList biases(saved.data() + 5 + L, L);
+    const at::TensorList bn_weights(saved.data() + 5 + 2 * L, H);
+    const at::TensorList bn_biases(saved.data() + 5 + 2 * L + H, H);
+    const int64_t n_inputs = 5 + 2 * L + 2 * H;
+    const at::TensorList fwd_saved(saved.data() + n_inputs, saved.size() - n_inputs);
+    const auto batch_norm = ctx->saved_data["batch_norm"].toBoolList();
+    const bool training = ctx->saved_data["training"].toBool();
+    const int64_t act = ctx->saved_data["activation"].toInt();
+    const double slope = ctx->saved_data["negative_slope"].toDouble();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    variable_list differentiable{grads[0], input, target};
+    differentiable.insert(differentiable.end(), saved.begin() + 5, saved.begin() + n_inputs);
+    if (differentiable_backward(differentiable)) {
+      // A second backward to come: the net and torch's loss from differentiable ATen ops.
+      const at::Tensor z = mlp_recompute(input, weights, biases, batch_norm, bn_weights,
+                                         bn_biases, fwd_saved, training,
+                                         ctx->saved_data["eps"].toDouble(),
+                                         static_cast<Act>(act), slope, Act::None);
+      const at::Tensor loss =
+          at::binary_cross_entropy_with_logits(z, target, weight, pos_weight, reduction);
+      GraphGrads g;
+      g.want(ig, input, 0);
+      g.want(tg, target, 1);
+      net.want(g, weights, biases, bn_weights, bn_biases);
+      g.into(result, loss, grads[0]);
+      return result;
+    }
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [gx, gy, gw, gb, gbw, gbb] =
+        op.call(grads[0], input, target, weight, pos_weight, reduction, logits, weights, biases,
+                batch_norm, bn_weights, fwd_saved, training, act, slope, ig, tg, net.wg, net.bg,
+                net.bwg, net.bbg);
+    if (ig) result[0] = gx;
+    if (tg) result[1] = gy;
+    net.place(result, gw, gb, gbw, gbb);
+    return result;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_bce_with_logits_autograd(
+    const at::Tensor& input, const at::Tensor& target, const OptTensor& weight,
+    const OptTensor& pos_weight, int64_t reduction, at::TensorList weights,
+    at::TensorList biases, const c10::List<bool>& batch_norm, at::TensorList bn_weights,
+    at::TensorList bn_biases, at::TensorList running_means, at::TensorList running_vars,
+    bool training, double eps, int64_t activation, double negative_slope) {
+  if (!records(input, target, weight, pos_weight, weights, biases, bn_weights, bn_biases,
+               running_means, running_vars)) {
+    static const auto op = op_handle<MlpBceSig>(HPML_OP("mlp_bce_with_logits"));
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(input, target, weight, pos_weight, reduction, weights, biases, batch_norm,
+                   bn_weights, bn_biases, running_means, running_vars, training, eps,
+                   activation, negative_slope);
+  }
+  variable_list r = MlpBceFn::apply(input, target, weight, pos_weight, reduction, weights,
+                                    biases, batch_norm, bn_weights, bn_biases, running_means,
+                                    running_vars, training, eps, activation, negative_slope);
+  return {r[0], r[1], std::vector<at::Tensor>(r.begin() + 2, r.end())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(HPML_LIBRARY, Autograd, m) {
@@ -533,6 +669,7 @@ TORCH_LIBRARY_IMPL(HPML_LIBRARY, Autograd, m) {
   m.impl("bce_with_logits", &bce_with_logits_autograd);
   m.impl("batch_norm", &batch_norm_autograd);
   m.impl("mlp", &mlp_autograd);
+  m.impl("mlp_bce_with_logits", &mlp_bce_with_logits_autograd);
 }
 
 }  // namespace hpml

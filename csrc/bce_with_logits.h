@@ -46,16 +46,22 @@ inline BceArgs prepare_bce(const at::Tensor& input, const at::Tensor& target,
   return a;
 }
 
-inline void check_bce_grad(const at::Tensor& grad, const at::Tensor& input, int64_t reduction) {
-  constexpr const char* op = "hpml::bce_with_logits_backward";
-  check_same_device(op, input, grad, "grad");
+// A loss's gradient: `like`'s shape for reduction none, else one element.
+inline void check_loss_grad(const char* op, const at::Tensor& grad, int64_t reduction,
+                            const at::Tensor& like, const char* like_name) {
   if (reduction == at::Reduction::None) {
-    TORCH_CHECK(grad.sizes() == input.sizes(), op, ": grad of shape ", py_shape(grad.sizes()),
-                " does not match the input's shape ", py_shape(input.sizes()));
+    TORCH_CHECK(grad.sizes() == like.sizes(), op, ": grad of shape ", py_shape(grad.sizes()),
+                " does not match ", like_name, " ", py_shape(like.sizes()));
   } else {
     TORCH_CHECK(grad.numel() == 1, op, ": expected a one-element grad for a reduced loss, got "
                 "shape ", py_shape(grad.sizes()));
   }
+}
+
+inline void check_bce_grad(const at::Tensor& grad, const at::Tensor& input, int64_t reduction) {
+  constexpr const char* op = "hpml::bce_with_logits_backward";
+  check_same_device(op, input, grad, "grad");
+  check_loss_grad(op, grad, reduction, input, "the input's shape");
 }
 
 }  // namespace hpml

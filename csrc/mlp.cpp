@@ -13,6 +13,7 @@
 // Other nets run layer by layer through the library's ops (mlp_layers, csrc/mlp.h): fp16/bf16,
 // an empty batch or layer, and products of 2^30 multiply-adds and more, where linear_act's oneDNN
 // forward is faster than a blocked sgemm; HPML_MLP_KERNEL=layers sends every net there (to compare).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
@@ -28,8 +29,10 @@
 #include "cpu_dispatch.h"
 #include "cpu_channel.h"
 #include "cpu_epilogue.h"
+#include "hpml_math.h"
 #include "linear_act.h"
 #include "mlp.h"
+#include "mlp_cpu.h"
 
 // The Fortran BLAS of the torch build (MKL's LP64 interface, or OpenBLAS's), and MKL's per-thread
 // thread count; weak, so that a build without them loads and takes the layer-by-layer path.
@@ -117,7 +120,14 @@ std::vector<T> values_of(const at::Tensor& t, int64_t n, double fill) {
 
 // v as a 1-D tensor of dtype dt.
 at::Tensor from_doubles(const std::vector<double>& v, c10::ScalarType dt) {
-  return channel_tensor(v).to(dt);
+  // Written in dt at once: a double tensor and a .to(dt) cost ~2 us of dispatch and allocation
+  // per gradient, seven of them in a small net's backward.
+  at::Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(dt));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dt, "hpml::mlp (CPU)", [&] {
+    scalar_t* p = t.mutable_data_ptr<scalar_t>();
+    for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<scalar_t>(v[i]);
+  });
+  return t;
 }
 
 // Rows per block: kBlockElems of the widest activation, a multiple of 16 in [16, 1024].
@@ -410,15 +420,46 @@ void weight_grad(const T* dz, const T* in, int64_t M, int64_t N, int64_t K, T* d
   });
 }
 
+// The last layer's dZ for rows [r0, r1) of an (M, N) output straight from the BCE-with-logits
+// loss that ends the net (MlpLoss; output activation none): dZ = d loss / d logits, the
+// arithmetic of bce_with_logits_backward's kernel element for element, written where the
+// layer's dZ goes (never a logits gradient of its own); the target's gradient into gy (when not
+// null) and dZ's column sums into db_part (when not null), as dz_rows adds them.
+template <typename T, bool HAS_W, bool HAS_PW, bool ELEMWISE>
+void loss_dz_rows(const T* x, const T* y, const T* w, const T* pw, const T* g, T scale, T* dz,
+                  T* gy, T* db_part, int64_t r0, int64_t r1, int64_t N) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size();
+  const int64_t end = r1 * N;
+  const Vec vscale(scale);
+  for (int64_t i = r0 * N; i < end; i += V) {
+    const int64_t c = std::min<int64_t>(V, end - i);
+    const Vec vx = load(x + i, c);
+    const Vec vpw = HAS_PW ? load(pw + i, c) : Vec(T(1));
+    Vec gw = ELEMWISE ? load(g + i, c) : vscale;
+    if constexpr (HAS_W) gw = load(w + i, c) * gw;
+    store(dz + i, math::bce_logits_dinput<HAS_PW>(vx, load(y + i, c), vpw) * gw, c);
+    if (gy != nullptr) store(gy + i, math::bce_logits_dtarget<HAS_PW>(vx, vpw) * gw, c);
+  }
+  if (db_part == nullptr) return;
+  const Vec zero(T(0));
+  for (int64_t m = r0; m < r1; ++m) {
+    for (int64_t j = 0; j < N; j += V) {
+      const int64_t c = std::min<int64_t>(V, N - j);
+      Vec d = load(dz + m * N + j, c);
+      if (c < V) d = Vec::set(zero, d, c);
+      (Vec::loadu(db_part + j, c) + d).store(db_part + j, c);
+    }
+  }
+}
+
 template <typename T>
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-           std::vector<at::Tensor>>
-backward_native(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& output,
+MlpGrads backward_native(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& output,
                 at::TensorList weights, OptTensorList biases, const c10::List<bool>& batch_norm,
                 OptTensorList bn_weights, at::TensorList saved, bool training, Act act, T slope,
                 Act out_act, bool input_grad, const c10::List<bool>& weight_grads,
                 const c10::List<bool>& bias_grads, const c10::List<bool>& bn_weight_grads,
-                const c10::List<bool>& bn_bias_grads) {
+                const c10::List<bool>& bn_bias_grads, MlpLoss* loss) {
   using Vec = Vectorized<T>;
   constexpr int64_t V = Vec::size();
   const int64_t M = input.size(0), L = static_cast<int64_t>(weights.size());
@@ -469,7 +510,36 @@ backward_native(const at::Tensor& grad, const at::Tensor& input, const at::Tenso
     // per-block column sums (the bias gradient).
     T* dz = ws[cur].mutable_data_ptr<T>();
     std::vector<T> db_parts(want_db ? nblocks * N : 0, T(0));
-    if (!bn) {
+    if (last && loss != nullptr) {
+      const at::Tensor lx = output.contiguous();
+      const bool elemwise = loss->reduction == 0;
+      const at::Tensor lg = elemwise ? loss->grad.to(dt).contiguous() : loss->grad;
+      T scale = 1;  // as bce_with_logits_backward's kernel: grad, / numel for the mean
+      if (!elemwise) {
+        scale = static_cast<T>(lg.item<double>());
+        if (loss->reduction == 1) scale = scale / static_cast<T>(M * N);
+      }
+      if (loss->target_grad) loss->grad_target = empty_cpu_output({M, N}, dt);
+      const T* xp = lx.const_data_ptr<T>();
+      const T* yp = loss->target.const_data_ptr<T>();
+      const T* wp = loss->weight.defined() ? loss->weight.const_data_ptr<T>() : nullptr;
+      const T* pwp = loss->pos_weight.defined() ? loss->pos_weight.const_data_ptr<T>() : nullptr;
+      const T* gp = elemwise ? lg.const_data_ptr<T>() : nullptr;
+      T* gyp = loss->target_grad ? loss->grad_target.mutable_data_ptr<T>() : nullptr;
+      dispatch_bool(wp != nullptr, [&](auto has_w) {
+        dispatch_bool(pwp != nullptr, [&](auto has_pw) {
+          dispatch_bool(elemwise, [&](auto el) {
+            for_blocks(nblocks, rb * N, [&](int64_t blk) {
+              const int64_t r0 = blk * rb, r1 = std::min(M, r0 + rb);
+              loss_dz_rows<T, decltype(has_w)::value, decltype(has_pw)::value,
+                           decltype(el)::value>(
+                  xp, yp, wp, pwp, gp, scale, dz, gyp,
+                  want_db ? db_parts.data() + blk * N : nullptr, r0, r1, N);
+            });
+          });
+        });
+      });
+    } else if (!bn) {
       const at::Tensor y = (last ? output : saved[kMlpSavedPerLayer * i]).contiguous();
       const at::Tensor mask =
           (last ? saved[saved.size() - 1] : saved[kMlpSavedPerLayer * i + 1]).contiguous();
@@ -678,19 +748,43 @@ mlp_backward_cpu(const at::Tensor& grad, const at::Tensor& input, const at::Tens
   check_mlp_backward(grad, input, output, weights, biases, batch_norm, bn_weights, saved,
                      training, activation, output_activation, weight_grads, bias_grads,
                      bn_weight_grads, bn_bias_grads);
+  return mlp_backward_cpu_native(grad, input, output, weights, biases, batch_norm, bn_weights,
+                                 saved, training, activation, negative_slope, output_activation,
+                                 input_grad, weight_grads, bias_grads, bn_weight_grads,
+                                 bn_bias_grads, nullptr);
+}
+
+}  // namespace
+
+inline namespace CPU_CAPABILITY {
+
+bool mlp_cpu_native(const at::Tensor& input, at::TensorList weights) {
+  return native(input, weights);
+}
+
+MlpGrads mlp_backward_cpu_native(const at::Tensor& grad, const at::Tensor& input,
+                                 const at::Tensor& output, at::TensorList weights,
+                                 at::TensorList biases, const c10::List<bool>& batch_norm,
+                                 at::TensorList bn_weights, at::TensorList saved, bool training,
+                                 int64_t activation, double negative_slope,
+                                 int64_t output_activation, bool input_grad,
+                                 const c10::List<bool>& weight_grads,
+                                 const c10::List<bool>& bias_grads,
+                                 const c10::List<bool>& bn_weight_grads,
+                                 const c10::List<bool>& bn_bias_grads, MlpLoss* loss) {
   const Act act = static_cast<Act>(activation), out_act = static_cast<Act>(output_activation);
   check_saved(input, weights, batch_norm, saved, act, out_act);
   if (input.scalar_type() == at::kFloat)
     return backward_native<float>(grad, input, output, weights, biases, batch_norm, bn_weights,
                                   saved, training, act, static_cast<float>(negative_slope),
                                   out_act, input_grad, weight_grads, bias_grads, bn_weight_grads,
-                                  bn_bias_grads);
+                                  bn_bias_grads, loss);
   return backward_native<double>(grad, input, output, weights, biases, batch_norm, bn_weights,
                                  saved, training, act, negative_slope, out_act, input_grad,
-                                 weight_grads, bias_grads, bn_weight_grads, bn_bias_grads);
+                                 weight_grads, bias_grads, bn_weight_grads, bn_bias_grads, loss);
 }
 
-}  // namespace
+}  // namespace CPU_CAPABILITY
 
 HPML_REGISTER_CPU_KERNELS(mlp)
 

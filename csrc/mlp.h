@@ -129,6 +129,24 @@ inline void check_mlp(const at::Tensor& input, at::TensorList weights, OptTensor
   }
 }
 
+// A backward's saved tensors (as many as the forward returns) and gradient flags (one per layer
+// for weights and biases, one per hidden layer for the batch norms').
+inline void check_mlp_saved_and_flags(const char* op, int64_t L, at::TensorList saved,
+                                      const c10::List<bool>& weight_grads,
+                                      const c10::List<bool>& bias_grads,
+                                      const c10::List<bool>& bn_weight_grads,
+                                      const c10::List<bool>& bn_bias_grads) {
+  TORCH_CHECK(static_cast<int64_t>(saved.size()) == kMlpSavedPerLayer * (L - 1) + 1, op,
+              ": expected ", kMlpSavedPerLayer * (L - 1) + 1, " saved tensors, got ",
+              saved.size());
+  TORCH_CHECK(static_cast<int64_t>(weight_grads.size()) == L &&
+                  static_cast<int64_t>(bias_grads.size()) == L &&
+                  static_cast<int64_t>(bn_weight_grads.size()) == L - 1 &&
+                  static_cast<int64_t>(bn_bias_grads.size()) == L - 1,
+              op, ": expected a gradient flag per layer (weights, biases) and per hidden layer "
+              "(bn_weights, bn_biases)");
+}
+
 // hpml::mlp_backward's contract: the forward's (the batch norms' statistics unchecked), the
 // saved tensors' count, a gradient flag per layer, grad like the output.
 inline void check_mlp_backward(const at::Tensor& grad, const at::Tensor& input,
@@ -146,15 +164,8 @@ inline void check_mlp_backward(const at::Tensor& grad, const at::Tensor& input,
   const OptTensorList no_stats(no_stats_v);
   check_mlp(input, weights, biases, batch_norm, bn_weights, no_stats, no_stats, no_stats,
             training, /*eps=*/1.0, activation, output_activation, /*batch_norm_mode=*/false);
-  TORCH_CHECK(static_cast<int64_t>(saved.size()) == kMlpSavedPerLayer * (L - 1) + 1, op,
-              ": expected ", kMlpSavedPerLayer * (L - 1) + 1, " saved tensors, got ",
-              saved.size());
-  TORCH_CHECK(static_cast<int64_t>(weight_grads.size()) == L &&
-                  static_cast<int64_t>(bias_grads.size()) == L &&
-                  static_cast<int64_t>(bn_weight_grads.size()) == L - 1 &&
-                  static_cast<int64_t>(bn_bias_grads.size()) == L - 1,
-              op, ": expected a gradient flag per layer (weights, biases) and per hidden layer "
-              "(bn_weights, bn_biases)");
+  check_mlp_saved_and_flags(op, L, saved, weight_grads, bias_grads, bn_weight_grads,
+                            bn_bias_grads);
   check_like(op, input, grad, "grad", output, "the output");
 }
 

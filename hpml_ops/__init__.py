@@ -15,7 +15,14 @@ from ._backend import (
     use_backend,
 )
 from .convert import convert
-from .ops import batch_norm, binary_cross_entropy_with_logits, linear_act, linear_relu, mlp
+from .ops import (
+    batch_norm,
+    binary_cross_entropy_with_logits,
+    linear_act,
+    linear_relu,
+    mlp,
+    mlp_bce_with_logits,
+)
 
 __version__ = "0.1.0"
 
@@ -41,6 +48,7 @@ __all__ = [
     "linear_act",
     "linear_relu",
     "mlp",
+    "mlp_bce_with_logits",
     "models",
     "nn",
     "reference",

@@ -138,6 +138,38 @@ def mlp(
     return _activate(y, output_activation, negative_slope)
 
 
+def mlp_bce_with_logits(
+    input: Tensor,
+    target: Tensor,
+    weights,
+    biases=None,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    batch_norm=False,
+    bn_weights=None,
+    bn_biases=None,
+    running_means=None,
+    running_vars=None,
+    training: bool = False,
+    momentum=0.1,
+    eps: float = 1e-5,
+    weight: Tensor | None = None,
+    pos_weight: Tensor | None = None,
+    reduction: str = "mean",
+    *,
+    upcast: bool = False,
+    return_logits: bool = False,
+):
+    """``hpml_ops.mlp_bce_with_logits`` from torch's own ops: ``mlp`` (no output activation),
+    then ``F.binary_cross_entropy_with_logits``; optionally in float64."""
+    logits = mlp(
+        input, weights, biases, activation, negative_slope, "none", batch_norm, bn_weights,
+        bn_biases, running_means, running_vars, training, momentum, eps, upcast=upcast,
+    )  # fmt: skip
+    loss = bce_with_logits(logits, target, weight, reduction, pos_weight, upcast=upcast)
+    return (loss, logits) if return_logits else loss
+
+
 # ---- differentiable backward formulas ----------------------------------------------------------
 # Used by the ops' backward under create_graph=True when the gradients will be differentiated
 # again (a Hessian, a gradient penalty): torch's ops on what the forward saved, so a second
@@ -206,6 +238,51 @@ def mlp_grads(grad, input, weights, biases, flags, bn_weights, bn_biases, stats,
     the net again from torch's ops on the saved inputs (batch norm in training from the batch, in
     eval from ``stats``: per hidden layer the (mean, 1/std) the forward used), differentiated with
     a graph."""
+    y = _mlp_again(input, weights, biases, flags, bn_weights, bn_biases, stats, training, eps,
+                   activation, slope, output_activation)  # fmt: skip
+    return _grads_of(y, grad, [input], (weights, biases, bn_weights, bn_biases), need)
+
+
+def mlp_bce_with_logits_grads(grad, input, target, weight, pos_weight, reduction: str, weights,
+                              biases, flags, bn_weights, bn_biases, stats, training: bool,
+                              eps: float, activation: str, slope: float, need):  # fmt: skip
+    """(grad input, grad target, [grad weight], [grad bias], [grad bn weight], [grad bn bias])
+    of ``hpml_ops.mlp_bce_with_logits`` (2-D operands), each None unless asked (``need``: two
+    flags and four lists of flags), as ``mlp_grads``: the net and torch's loss again,
+    differentiated with a graph."""
+    with torch.enable_grad():
+        z = _mlp_again(input, weights, biases, flags, bn_weights, bn_biases, stats, training, eps,
+                       activation, slope, "none")  # fmt: skip
+        loss = F.binary_cross_entropy_with_logits(
+            z, target, weight, pos_weight=pos_weight, reduction=reduction
+        )
+    ig, tg, *rest = need
+    gx, (gy,), *per_layer = _grads_of(
+        loss, grad, [input], (weights, biases, bn_weights, bn_biases), (ig, *rest), [target], [tg]
+    )
+    return gx, gy, *per_layer
+
+
+def _grads_of(y, grad, first, groups, need, extra=(), extra_need=()):
+    """torch.autograd.grad of ``y`` (with ``grad``) with a graph for the tensors asked for:
+    ``first`` (one tensor, flag ``need[0]``), each list of ``groups`` (flags ``need[1:]``) and
+    ``extra`` (flags ``extra_need``); returns the first's gradient, the lists', then (when
+    ``extra``) the extra ones as a list, None where not asked."""
+    groups = (first, *groups, *((list(extra),) if extra else ()))
+    flags_of = ([need[0]], *need[1:], *((list(extra_need),) if extra else ()))
+    wrt = [t for ts, fs in zip(groups, flags_of, strict=True)
+           for t, f in zip(ts, fs, strict=True) if f and t is not None]  # fmt: skip
+    found = iter(torch.autograd.grad(y, wrt, grad, create_graph=True, allow_unused=True))
+    out = [[next(found) if f and t is not None else None for t, f in zip(ts, fs, strict=True)]
+           for ts, fs in zip(groups, flags_of, strict=True)]  # fmt: skip
+    if extra:
+        return out[0][0], out[-1], *out[1:-1]
+    return out[0][0], *out[1:]
+
+
+def _mlp_again(input, weights, biases, flags, bn_weights, bn_biases, stats, training, eps,
+               activation, slope, output_activation):  # fmt: skip
+    """The net of ``mlp_grads`` from torch's ops."""
     h = input
     for i, w in enumerate(weights):
         h = F.linear(h, w, biases[i])
@@ -221,16 +298,7 @@ def mlp_grads(grad, input, weights, biases, flags, bn_weights, bn_biases, stats,
                 h = h if bw is None else h * bw
                 h = h if bb is None else h + bb
         h = _activate(h, activation, slope)
-    y = _activate(h, output_activation, slope)
-    ig, wg, bg, bwg, bbg = need
-    groups = ([input], weights, biases, bn_weights, bn_biases)
-    flags_of = ([ig], wg, bg, bwg, bbg)
-    wrt = [t for ts, fs in zip(groups, flags_of, strict=True)
-           for t, f in zip(ts, fs, strict=True) if f and t is not None]  # fmt: skip
-    found = iter(torch.autograd.grad(y, wrt, grad, create_graph=True, allow_unused=True))
-    out = [[next(found) if f and t is not None else None for t, f in zip(ts, fs, strict=True)]
-           for ts, fs in zip(groups, flags_of, strict=True)]  # fmt: skip
-    return out[0][0], out[1], out[2], out[3], out[4]
+    return _activate(h, output_activation, slope)
 
 
 def bce_with_logits_grads(grad, input, target, weight, pos_weight, reduction: int, need):

@@ -197,8 +197,41 @@ def _bn_vectors(c=3):
     return _t(c), _t(c)
 
 
+def _mlp_bce_args(target=None, weight=None, pos_weight=None, reduction=1):
+    """hpml::mlp_bce_with_logits's arguments for a 5-4-2 net on 6 rows."""
+    e = _t(0, 0)
+    target = _t(6, 2) if target is None else target
+    return (_t(6, 5), target, weight, pos_weight, reduction, [_t(4, 5), _t(2, 4)], [e, e],
+            [False], [e], [e], [e], [e], True, 1e-5, 1, 0.0)  # fmt: skip
+
+
+def _mlp_bce_backward_args(grad):
+    e = _t(0, 0)
+    saved = [_t(6, 4), torch.zeros(6, 1, dtype=torch.uint8), *[_t(0)] * 4, _t(0)]
+    return (grad, _t(6, 5), _t(6, 2), None, None, 1, _t(6, 2), [_t(4, 5), _t(2, 4)], [e, e],
+            [False], [e], saved, True, 1, 0.0, True, True, [True] * 2, [True] * 2, [True],
+            [True])  # fmt: skip
+
+
 # Direct calls of the ops with one bad argument: (op, arguments).
 OP_CASES = {
+    "mlp_bce_with_logits: target size": (
+        "mlp_bce_with_logits",
+        lambda: _mlp_bce_args(target=_t(6, 3)),
+    ),
+    "mlp_bce_with_logits: reduction": ("mlp_bce_with_logits", lambda: _mlp_bce_args(reduction=5)),
+    "mlp_bce_with_logits: pos_weight": (
+        "mlp_bce_with_logits",
+        lambda: _mlp_bce_args(pos_weight=_t(3)),
+    ),
+    "mlp_bce_with_logits: weight dtype": (
+        "mlp_bce_with_logits",
+        lambda: _mlp_bce_args(weight=_t(2, dtype=torch.float64)),
+    ),
+    "mlp_bce_with_logits_backward: grad": (
+        "mlp_bce_with_logits_backward",
+        lambda: _mlp_bce_backward_args(_t(2)),
+    ),
     "linear_act: 3-D input": ("linear_act", lambda: (_t(2, 4, 5), _t(3, 5), None, 1, 0.0)),
     "linear_act: activation code": ("linear_act", lambda: (_t(4, 5), _t(3, 5), None, 9, 0.0)),
     "linear_act: 0-d bias": ("linear_act", lambda: (_t(4, 5), _t(3, 5), _t(), 1, 0.0)),

@@ -9,8 +9,11 @@ from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from ..constants import ACTIVATIONS
+from ..constants import ACTIVATIONS, REDUCTIONS
+from ..ops.bce_with_logits import _bce_with_logits
 from ..ops.mlp import run
+from ..ops.mlp_bce_with_logits import fusable_loss
+from ..ops.mlp_bce_with_logits import run as run_loss
 from ._common import check_backend
 
 # The activation modules the op knows, by exact type, and their names.
@@ -151,6 +154,50 @@ class FusedMLP(nn.Sequential):
             return super().forward(input)
         return _run_layers(spec, input, self.backend, super().forward)
 
+    def bce_with_logits(
+        self,
+        input: Tensor,
+        target: Tensor,
+        weight: Tensor | None = None,
+        pos_weight: Tensor | None = None,
+        reduction: str = "mean",
+        return_logits: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """``F.binary_cross_entropy_with_logits(self(input), target, weight,
+        reduction=reduction, pos_weight=pos_weight)`` with the net and the loss as one op forward
+        and one backward (``hpml_ops.mlp_bce_with_logits``): the backward starts from the loss
+        inside the net's backward. For a net whose last layer has no activation (its output is
+        the logits). ``return_logits``: also return the logits, detached (accuracy, metrics).
+
+        Where one op cannot run it (an output activation, hooks, torch.fx tracing, batch norms
+        of mixed modes, other than 2-D input with batch norm, operands of other dtypes,
+        autocast, torch.func transforms) it is ``self(input)`` then
+        ``hpml_ops.binary_cross_entropy_with_logits``: the same values."""
+        spec = self._layers()
+        args = None
+        if (
+            spec is not None
+            and spec["codes"][1] == ACTIVATIONS["none"]
+            and not _hooked(spec["modules"])
+            and not is_fx_symbolic_tracing()
+            and isinstance(input, Tensor)
+            and input.dim() == 2
+            and fusable_loss(input, target, weight, pos_weight)
+        ):
+            args = _layer_args(spec, input)
+        if args is None:
+            logits = self(input)
+            loss = _bce_with_logits(logits, target, weight, reduction, pos_weight, self.backend)
+            return (loss, logits.detach()) if return_logits else loss
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"{reduction} is not a valid value for reduction")
+        weights, biases, flags, bn_w, bn_b, r_m, r_v, training, eps, act, slope, _ = args
+        loss, logits = run_loss(
+            input, target, weight, pos_weight, REDUCTIONS[reduction], weights, biases, flags,
+            bn_w, bn_b, r_m, r_v, training, eps, act, slope, _momenta(spec["bns"]), self.backend,
+        )  # fmt: skip
+        return (loss, logits) if return_logits else loss
+
     def extra_repr(self) -> str:
         return f"backend={self.backend}" if self.backend is not None else ""
 
@@ -274,6 +321,16 @@ def _prepared(store: dict, key, mods) -> dict | None:
 def _run_layers(spec: dict, input: Tensor, backend, fallback) -> Tensor:
     """The layers of ``spec`` (``_prepared``) on ``input`` as one op, or ``fallback(input)``
     (module by module) where one op cannot run them."""
+    args = _layer_args(spec, input)
+    if args is None:
+        return fallback(input)
+    return run(input, *args, _momenta(spec["bns"]), backend)
+
+
+def _layer_args(spec: dict, input: Tensor) -> tuple | None:
+    """The arguments of ``hpml_ops.ops.mlp.run`` after the input and before the momenta
+    (weights, biases, flags, the batch norms' tensors, training, eps, the activation codes and
+    slope) for the layers of ``spec`` on ``input``; None where one op cannot run them."""
     bns = spec["present"]
     # One op for the whole net needs one mode and one eps for every batch norm, and (N, C)
     # input; otherwise the modules run one by one, as nn.Sequential runs them.
@@ -285,9 +342,9 @@ def _run_layers(spec: dict, input: Tensor, backend, fallback) -> Tensor:
         for bn in bns:
             mode = bn.training or (bn.running_mean is None and bn.running_var is None)
             if mode != training or bn.eps != eps:
-                return fallback(input)
+                return None
         if input.dim() != 2:
-            return fallback(input)
+            return None
     none = _empty(spec["empty"], input)
     weights = [_tensor(lin, "weight") for lin in spec["linears"]]
     biases = [_tensor(lin, "bias", none) for lin in spec["linears"]]
@@ -302,9 +359,9 @@ def _run_layers(spec: dict, input: Tensor, backend, fallback) -> Tensor:
         r_m.append(_tensor(bn, "running_mean", none) if stats else none)
         r_v.append(_tensor(bn, "running_var", none) if stats else none)
     act, out_act = spec["codes"]
-    return run(
-        input, weights, biases, spec["flags"], bn_w, bn_b, r_m, r_v, training, float(eps),
-        act, float(spec["negative_slope"]), out_act, _momenta(spec["bns"]), backend,
+    return (
+        weights, biases, spec["flags"], bn_w, bn_b, r_m, r_v, training, float(eps), act,
+        float(spec["negative_slope"]), out_act,
     )  # fmt: skip
 
 

@@ -77,3 +77,17 @@ def like(op: str, ref: Tensor, t: Tensor, name: str, other: Tensor, other_name: 
         )
     same_dtype(op, ref, t, name)
     same_device(op, ref, t, name)
+
+
+def loss_grad(op: str, grad: Tensor, elementwise: bool, like: Tensor, like_name: str) -> None:
+    """A loss's gradient: ``like``'s shape for reduction none, else one element
+    (``check_bce_grad``, ``check_mlp_bce_backward``)."""
+    if elementwise:
+        if grad.shape != like.shape:
+            raise RuntimeError(
+                f"{op}: grad of shape {shape(grad)} does not match {like_name} {shape(like)}"
+            )
+    elif grad.numel() != 1:
+        raise RuntimeError(
+            f"{op}: expected a one-element grad for a reduced loss, got shape {shape(grad)}"
+        )

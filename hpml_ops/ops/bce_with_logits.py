@@ -63,16 +63,7 @@ def check_backward_args(grad, input, target, weight, pos_weight, reduction: int)
     op = "hpml::bce_with_logits_backward"
     check_args(input, target, weight, pos_weight, reduction)
     check.same_device(op, input, grad, "grad")
-    if reduction == REDUCTIONS["none"]:
-        if grad.shape != input.shape:
-            raise RuntimeError(
-                f"{op}: grad of shape {check.shape(grad)} does not match the input's shape "
-                f"{check.shape(input)}"
-            )
-    elif grad.numel() != 1:
-        raise RuntimeError(
-            f"{op}: expected a one-element grad for a reduced loss, got shape {check.shape(grad)}"
-        )
+    check.loss_grad(op, grad, reduction == REDUCTIONS["none"], input, "the input's shape")
 
 
 def binary_cross_entropy_with_logits(

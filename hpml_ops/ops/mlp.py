@@ -261,6 +261,29 @@ def _mlp(
 ) -> Tensor:  # fmt: skip
     """``mlp`` on ``backend`` (None: the process-wide choice): its arguments in the ops' form,
     then ``run``."""
+    none = None
+    if isinstance(input, Tensor):  # None as the ops take it: an empty (0, 0) tensor
+        if transforms_active():  # not new_empty: under vmap that one is a batched tensor
+            none = torch.empty((0, 0), dtype=input.dtype, device=input.device)
+        else:  # (0.3 us cheaper a call than torch.empty with dtype and device)
+            none = input.new_empty((0, 0))
+    weights, biases, flags, *lists, momenta = op_lists(
+        weights, biases, batch_norm, bn_weights, bn_biases, running_means, running_vars,
+        momentum, none,
+    )  # fmt: skip
+    act = activation_code(activation, _OP)
+    out_act = activation_code(output_activation, f"{_OP}: output")
+    return run(
+        input, weights, biases, flags, *lists, bool(training), float(eps), act,
+        float(negative_slope), out_act, momenta, backend,
+    )  # fmt: skip
+
+
+def op_lists(weights, biases, batch_norm, bn_weights, bn_biases, running_means, running_vars,
+             momentum, none):  # fmt: skip
+    """The public function's per-layer arguments in the ops' form: (weights, biases, batch_norm
+    flags, bn_weights, bn_biases, running_means, running_vars, momenta), lists with ``none``
+    (an empty (0, 0) tensor; None leaves None) for every absent tensor."""
     weights = list(weights)
     n_layers, n_hidden = len(weights), max(len(weights) - 1, 0)
     biases = [None] * n_layers if biases is None else list(biases)
@@ -274,20 +297,11 @@ def _mlp(
             (running_vars, "running_vars"),
         )
     ]
-    act = activation_code(activation, _OP)
-    out_act = activation_code(output_activation, f"{_OP}: output")
-    if isinstance(input, Tensor):  # None as the ops take it: an empty (0, 0) tensor
-        if transforms_active():  # not new_empty: under vmap that one is a batched tensor
-            none = torch.empty((0, 0), dtype=input.dtype, device=input.device)
-        else:  # (0.3 us cheaper a call than torch.empty with dtype and device)
-            none = input.new_empty((0, 0))
+    if none is not None:
         biases = [none if t is None else t for t in biases]
         lists = [[none if t is None else t for t in ts] for ts in lists]
     momenta = list(momentum) if isinstance(momentum, Sequence) else [momentum] * n_hidden
-    return run(
-        input, weights, biases, flags, *lists, bool(training), float(eps), act,
-        float(negative_slope), out_act, momenta, backend,
-    )  # fmt: skip
+    return (weights, biases, flags, *lists, momenta)
 
 
 def run(

@@ -124,6 +124,31 @@ SCHEMAS: dict[str, dict[str, str]] = {
             "bool[] bn_bias_grads) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[])"
         ),
     },
+    "mlp_bce_with_logits": {
+        # mlp (no output activation) and bce_with_logits on its output in one op: the loss of
+        # the logits (M, N) = mlp(input, ...) against target (M, N), input's dtype, with weight
+        # and pos_weight broadcastable to (M, N). Returns (loss, logits, saved): the loss as
+        # bce_with_logits returns it (0-d for reduction 1 and 2), the logits (not
+        # differentiable: for metrics; the backward reads them) and mlp's saved tensors.
+        "mlp_bce_with_logits": (
+            "(Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, int reduction, "
+            "Tensor[] weights, Tensor[] biases, bool[] batch_norm, Tensor[] bn_weights, "
+            "Tensor[] bn_biases, Tensor[] running_means, Tensor[] running_vars, bool training, "
+            "float eps, int activation, float negative_slope) -> (Tensor, Tensor, Tensor[])"
+        ),
+        # Gradients from grad (the loss's: 0-d for mean/sum, (M, N) for none), starting from
+        # the loss inside the op: the logits' gradient is the last layer's, never a tensor of
+        # its own. Returns (grad_input, grad_target, grad_weights, grad_biases,
+        # grad_bn_weights, grad_bn_biases); a gradient not asked for is an empty tensor.
+        "mlp_bce_with_logits_backward": (
+            "(Tensor grad, Tensor input, Tensor target, Tensor? weight, Tensor? pos_weight, "
+            "int reduction, Tensor logits, Tensor[] weights, Tensor[] biases, "
+            "bool[] batch_norm, Tensor[] bn_weights, Tensor[] saved, bool training, "
+            "int activation, float negative_slope, bool input_grad, bool target_grad, "
+            "bool[] weight_grads, bool[] bias_grads, bool[] bn_weight_grads, "
+            "bool[] bn_bias_grads) -> (Tensor, Tensor, Tensor[], Tensor[], Tensor[], Tensor[])"
+        ),
+    },
 }
 
 FAMILIES: tuple[str, ...] = tuple(SCHEMAS)

@@ -256,9 +256,10 @@ def evaluate(
     return loss_sum / n, correct / n
 
 
-def _step(net, group, x, y, loss_fn, optimizer, scaler, autocast) -> Tensor:
-    """One optimizer step over the micro-batches of ``group`` (index tensors). Returns float64
-    ``[sum of per-sample losses, samples, correct predictions]`` on the data's device."""
+def _step(net, group, x, y, forward_loss, optimizer, scaler) -> Tensor:
+    """One optimizer step over the micro-batches of ``group`` (index tensors); ``forward_loss(x,
+    y)`` gives a micro-batch's (mean loss, logits). Returns float64 ``[sum of per-sample losses,
+    samples, correct predictions]`` on the data's device."""
     optimizer.zero_grad(set_to_none=True)
     n_group = sum(int(mb.numel()) for mb in group)
     stats = torch.zeros(3, dtype=torch.float64, device=x.device)
@@ -269,9 +270,7 @@ def _step(net, group, x, y, loss_fn, optimizer, scaler, autocast) -> Tensor:
         # DDP: reduce the gradients once per group, with the last micro-batch's backward.
         sync = net.no_sync() if (ddp and k < len(group) - 1) else contextlib.nullcontext()
         with sync:
-            with autocast():
-                logits = net(xb)
-            loss = loss_fn(logits.float(), yb)
+            loss, logits = forward_loss(xb, yb)
             # The group's mean loss: each micro-batch weighted by its share of the samples.
             weighted = loss * (mb.numel() / n_group)
             if scaler is not None:
@@ -411,6 +410,18 @@ def train(
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=amp_dtype)
 
+    if not reference and not cfg.ddp and amp_dtype is None and isinstance(inner, hnn.FusedMLP):
+        # The net and the loss as one op each way (hpml_ops.mlp_bce_with_logits).
+        def forward_loss(xb, yb):
+            return inner.bce_with_logits(xb, yb, return_logits=True)
+
+    else:
+
+        def forward_loss(xb, yb):
+            with autocast():
+                logits = net(xb)
+            return loss_fn(logits.float(), yb), logits
+
     history = {
         "step": {"loss": [], "lr": [], "time_s": []},
         "epoch": [],
@@ -494,7 +505,7 @@ def train(
             while gi < len(groups):
                 t0 = time.perf_counter()
                 lr_now = current_lr(optimizer)
-                s = _step(net, groups[gi], x_train, y_train, loss_fn, optimizer, scaler, autocast)
+                s = _step(net, groups[gi], x_train, y_train, forward_loss, optimizer, scaler)
                 scheduler.step()
                 if dist is not None:
                     dist.all_reduce(s)

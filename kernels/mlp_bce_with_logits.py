@@ -1,0 +1,72 @@
+"""Triton launchers of the fused net-and-loss ops (hpml::mlp_bce_with_logits_triton and its
+backward): the net through ``kernels/mlp.py`` (its fused kernel where it applies: no batch norm,
+widths <= 128) and the loss through ``kernels/bce_with_logits.py``, one op call each way. The
+loss's gradient is the net's output gradient here: on a GPU it is one more pass over the logits
+(M x out_features, one column for a binary classifier), not fused into the net's backward kernel
+yet (the C++ CPU kernel fuses it: ``csrc/mlp.cpp``, MlpLoss)."""
+
+from __future__ import annotations
+
+from ..ops.mlp_bce_with_logits import check_args, check_backward_args
+from .bce_with_logits import bce_with_logits as _bce
+from .bce_with_logits import bce_with_logits_backward as _bce_backward
+from .mlp import mlp as _mlp
+from .mlp import mlp_backward as _mlp_backward
+
+
+def mlp_bce_with_logits(
+    input, target, weight, pos_weight, reduction, weights, biases, batch_norm, bn_weights,
+    bn_biases, running_means, running_vars, training, eps, activation, negative_slope,
+):  # fmt: skip
+    """hpml::mlp_bce_with_logits_triton: (loss, logits, saved)."""
+    check_args(
+        input, target, weight, pos_weight, reduction, weights, biases, batch_norm, bn_weights,
+        bn_biases, running_means, running_vars, training, eps, activation, negative_slope,
+    )  # fmt: skip
+    logits, saved = _mlp(
+        input, weights, biases, batch_norm, bn_weights, bn_biases, running_means, running_vars,
+        training, eps, activation, negative_slope, 0,
+    )  # fmt: skip
+    return _bce(logits, target, weight, pos_weight, reduction), logits, saved
+
+
+def mlp_bce_with_logits_backward(
+    grad, input, target, weight, pos_weight, reduction, logits, weights, biases, batch_norm,
+    bn_weights, saved, training, activation, negative_slope, input_grad, target_grad,
+    weight_grads, bias_grads, bn_weight_grads, bn_bias_grads,
+):  # fmt: skip
+    """hpml::mlp_bce_with_logits_backward_triton: the gradients as the C++ op."""
+    check_backward_args(
+        grad, input, target, weight, pos_weight, reduction, logits, weights, biases, batch_norm,
+        bn_weights, saved, activation,
+    )  # fmt: skip
+    net = (
+        bool(input_grad)
+        or any(weight_grads)
+        or any(bias_grads)
+        or any(bn_weight_grads)
+        or any(bn_bias_grads)
+    )
+    g_logits, g_target = _bce_backward(
+        grad, logits, target, weight, pos_weight, reduction, net, target_grad
+    )
+    if not net:
+
+        def none():
+            return input.new_empty((0,))
+
+        n = len(weights)
+        return (none(), g_target, [none() for _ in range(n)], [none() for _ in range(n)],
+                [none() for _ in range(n - 1)], [none() for _ in range(n - 1)])  # fmt: skip
+    gx, gw, gb, gbw, gbb = _mlp_backward(
+        g_logits, input, logits, weights, biases, batch_norm, bn_weights, saved, training,
+        activation, negative_slope, 0, input_grad, weight_grads, bias_grads, bn_weight_grads,
+        bn_bias_grads,
+    )  # fmt: skip
+    return gx, g_target, gw, gb, gbw, gbb
+
+
+def aot_specs() -> list[dict]:
+    """None of its own: the ops run the kernels of mlp, linear_act, batch_norm and
+    bce_with_logits, which those families' specs compile for `make gpu-build-check`."""
+    return []
