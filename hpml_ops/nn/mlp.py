@@ -9,10 +9,10 @@ from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from ..constants import ACTIVATIONS, REDUCTIONS
+from ..constants import ACTIVATIONS
 from ..ops.bce_with_logits import _bce_with_logits
 from ..ops.mlp import run
-from ..ops.mlp_bce_with_logits import fusable_loss
+from ..ops.mlp_bce_with_logits import fusable_loss, reduction_code
 from ..ops.mlp_bce_with_logits import run as run_loss
 from ._common import check_backend
 
@@ -189,11 +189,9 @@ class FusedMLP(nn.Sequential):
             logits = self(input)
             loss = _bce_with_logits(logits, target, weight, reduction, pos_weight, self.backend)
             return (loss, logits.detach()) if return_logits else loss
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"{reduction} is not a valid value for reduction")
         weights, biases, flags, bn_w, bn_b, r_m, r_v, training, eps, act, slope, _ = args
         loss, logits = run_loss(
-            input, target, weight, pos_weight, REDUCTIONS[reduction], weights, biases, flags,
+            input, target, weight, pos_weight, reduction_code(reduction), weights, biases, flags,
             bn_w, bn_b, r_m, r_v, training, eps, act, slope, _momenta(spec["bns"]), self.backend,
         )  # fmt: skip
         return (loss, logits) if return_logits else loss

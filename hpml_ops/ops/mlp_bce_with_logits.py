@@ -157,6 +157,13 @@ def mlp_bce_with_logits(
     return _mlp_bce_with_logits(**kwargs, backend=None)
 
 
+def reduction_code(reduction: str) -> int:
+    """The ops' code of a reduction name, raising torch's error for another."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    return REDUCTIONS[reduction]
+
+
 def fusable_loss(input: Tensor, target, weight, pos_weight) -> bool:
     """Whether the net and the loss may run as one op: the loss's operands tensors of the
     input's dtype (else torch's type promotion between the logits and them), outside autocast
@@ -178,8 +185,7 @@ def _mlp_bce_with_logits(
     momentum, eps, return_logits, backend: str | None,
 ):  # fmt: skip
     """``mlp_bce_with_logits`` on ``backend`` (None: the process-wide choice)."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{reduction} is not a valid value for reduction")
+    code = reduction_code(reduction)
     net = dict(
         activation=activation, negative_slope=negative_slope, batch_norm=batch_norm,
         bn_weights=bn_weights, bn_biases=bn_biases, running_means=running_means,
@@ -214,7 +220,7 @@ def _mlp_bce_with_logits(
     lists = _mlp.op_lists(weights, biases, batch_norm, bn_weights, bn_biases, running_means,
                           running_vars, momentum, none)  # fmt: skip
     loss, logits = run(
-        input2, target, weight, pos_weight, REDUCTIONS[reduction], *lists[:7], bool(training),
+        input2, target, weight, pos_weight, code, *lists[:7], bool(training),
         float(eps), activation_code(activation, "mlp"), float(negative_slope), lists[7], backend,
     )  # fmt: skip
     if input.dim() != 2:

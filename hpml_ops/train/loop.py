@@ -256,6 +256,32 @@ def evaluate(
     return loss_sum / n, correct / n
 
 
+def loss_of(net: nn.Module, loss_fn: nn.Module, amp_dtype, device_type: str):
+    """``(x, y) -> (loss, logits)`` for one micro-batch: the net and the loss as one op each way
+    (``FusedMLP.bce_with_logits``) where the net is a ``FusedMLP`` itself (not wrapped: DDP's
+    hooks must see its forward), the loss the library's and no autocast; else the net (under
+    autocast when ``amp_dtype``), then the loss on fp32 logits."""
+    if (
+        amp_dtype is None
+        and isinstance(net, hnn.FusedMLP)
+        and isinstance(loss_fn, hnn.BCEWithLogitsLoss)
+    ):
+
+        def fused(x, y):
+            return net.bce_with_logits(
+                x, y, loss_fn.weight, loss_fn.pos_weight, loss_fn.reduction, return_logits=True
+            )
+
+        return fused
+
+    def apart(x, y):
+        with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = net(x)
+        return loss_fn(logits.float(), y), logits
+
+    return apart
+
+
 def _step(net, group, x, y, forward_loss, optimizer, scaler) -> Tensor:
     """One optimizer step over the micro-batches of ``group`` (index tensors); ``forward_loss(x,
     y)`` gives a micro-batch's (mean loss, logits). Returns float64 ``[sum of per-sample losses,
@@ -410,18 +436,7 @@ def train(
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=amp_dtype)
 
-    if not reference and not cfg.ddp and amp_dtype is None and isinstance(inner, hnn.FusedMLP):
-        # The net and the loss as one op each way (hpml_ops.mlp_bce_with_logits).
-        def forward_loss(xb, yb):
-            return inner.bce_with_logits(xb, yb, return_logits=True)
-
-    else:
-
-        def forward_loss(xb, yb):
-            with autocast():
-                logits = net(xb)
-            return loss_fn(logits.float(), yb), logits
-
+    forward_loss = loss_of(net, loss_fn, amp_dtype, device.type)
     history = {
         "step": {"loss": [], "lr": [], "time_s": []},
         "epoch": [],

@@ -97,7 +97,7 @@ def interleaved_step_times(
 
     from .. import nn as hnn
     from .._backend import use_backend
-    from .loop import DTYPES, _make_optimizer
+    from .loop import DTYPES, _make_optimizer, loss_of
 
     device = cfg.resolved_device()
     amp_dtype = DTYPES[cfg.dtype]  # the run's precision (fp16's loss scaling left out)
@@ -107,18 +107,11 @@ def interleaved_step_times(
     def stepper(result: TrainResult, loss_fn):
         model = copy.deepcopy(result.model).train()
         opt = _make_optimizer(cfg, model.parameters(), cfg.lr)
-        # As the training loop: a FusedMLP with the library's loss runs both as one op each way.
-        one_op = isinstance(model, hnn.FusedMLP) and isinstance(loss_fn, hnn.BCEWithLogitsLoss)
-        one_op = one_op and amp_dtype is None
+        forward_loss = loss_of(model, loss_fn, amp_dtype, device.type)  # as the training loop
 
         def step():
             opt.zero_grad(set_to_none=True)
-            if one_op:
-                model.bce_with_logits(x, y).backward()
-            else:
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(x)
-                loss_fn(logits.float(), y).backward()
+            forward_loss(x, y)[0].backward()
             opt.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
