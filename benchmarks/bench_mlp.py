@@ -138,8 +138,8 @@ def main(argv=None, name: str = "mlp") -> int:
     print(meta, flush=True)
     rows = []
     models = args.models.split(",") if args.models else list(GPU_MODELS if on_gpu else CPU_MODELS)
-    for name in models:
-        widths, bn, batch = MODELS[name]
+    for model_name in models:
+        widths, bn, batch = MODELS[model_name]
         torch.manual_seed(0)
         model = _stack(widths, bn).to(device, dtype)
         g = torch.Generator().manual_seed(1)
@@ -161,8 +161,8 @@ def main(argv=None, name: str = "mlp") -> int:
             sync(device)
             res = bench_side_by_side(cases, device, min_time=args.min_time)
             flops = {"fwd": 2, "fwd+bwd": 6, "loss": 6, "step": 6}[mode] * macs
-            key = {"model": name, "batch": batch, "mode": mode, "dtype": meta["dtype"]}
-            record_flops(rows, key, f"{name:>5} {mode:>7}", res, flops)
+            key = {"model": model_name, "batch": batch, "mode": mode, "dtype": meta["dtype"]}
+            record_flops(rows, key, f"{model_name:>5} {mode:>7}", res, flops)
     return finish(name, meta, rows, args)
 
 

@@ -94,6 +94,50 @@ def _sum_partials_kernel(
 
 
 @triton.jit
+def bce_backward_values(
+    g_ptr, x_ptr, y_ptr, w_ptr, w_inner, w_period, pw_ptr, pw_inner, pw_period, offs, mask,
+    mean_div, W_MODE: tl.constexpr, PW_MODE: tl.constexpr, GRAD_ELEMWISE: tl.constexpr,
+    NEED_GX: tl.constexpr, NEED_GY: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """(d loss / d input, d loss / d target) in ``ACC`` for the flat indices ``offs`` of the
+    loss's operands (0 where ``mask`` is off, or where not asked for): torch's formulas, the
+    loss's gradient ``g_ptr`` per element (GRAD_ELEMWISE) or one value (divided by ``mean_div``
+    for a mean). Shared by the loss's backward kernel and the fused net's (kernels/mlp.py), where
+    the net's last layer starts from it."""
+    if GRAD_ELEMWISE:
+        g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
+    else:
+        # Read on the device: no host synchronisation for the scalar grad.
+        g = tl.load(g_ptr).to(ACC)
+        if mean_div > 0:
+            g = (g.to(tl.float64) / mean_div.to(tl.float64)).to(ACC)
+        g = tl.where(mask, g, 0.0)
+    if W_MODE != 0:
+        g = load_bcast(w_ptr, offs, mask, w_inner, w_period, W_MODE).to(ACC) * g
+    x = tl.load(x_ptr + offs, mask=mask, other=0).to(ACC)
+    if PW_MODE != 0:
+        pw = load_bcast(pw_ptr, offs, mask, pw_inner, pw_period, PW_MODE).to(ACC)
+    dx = tl.zeros_like(x)
+    dy = tl.zeros_like(x)
+    if NEED_GX:
+        y = tl.load(y_ptr + offs, mask=mask, other=0).to(ACC)
+        s = sigmoid(x)
+        if PW_MODE != 0:
+            t = pw * y
+            d = (t + 1.0 - y) * s - t
+        else:
+            d = s - y
+        dx = d * g
+    if NEED_GY:
+        if PW_MODE != 0:
+            d = log_sigmoid(-x) - log_sigmoid(x) * pw
+        else:
+            d = -x
+        dy = d * g
+    return dx, dy
+
+
+@triton.jit
 def _bce_bwd_kernel(
     g_ptr,  # grad of the loss: n elements (GRAD_ELEMWISE) or a single value
     x_ptr,  # input, contiguous
@@ -119,33 +163,14 @@ def _bce_bwd_kernel(
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    if GRAD_ELEMWISE:
-        g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
-    else:
-        # Read on the device: no host synchronisation for the scalar grad.
-        g = tl.load(g_ptr).to(ACC)
-        if mean_div > 0:
-            g = (g.to(tl.float64) / mean_div.to(tl.float64)).to(ACC)
-    if W_MODE != 0:
-        g = load_bcast(w_ptr, offs, mask, w_inner, w_period, W_MODE).to(ACC) * g
-    x = tl.load(x_ptr + offs, mask=mask, other=0).to(ACC)
-    if PW_MODE != 0:
-        pw = load_bcast(pw_ptr, offs, mask, pw_inner, pw_period, PW_MODE).to(ACC)
+    dx, dy = bce_backward_values(
+        g_ptr, x_ptr, y_ptr, w_ptr, w_inner, w_period, pw_ptr, pw_inner, pw_period, offs, mask,
+        mean_div, W_MODE, PW_MODE, GRAD_ELEMWISE, NEED_GX, NEED_GY, ACC,
+    )  # fmt: skip
     if NEED_GX:
-        y = tl.load(y_ptr + offs, mask=mask, other=0).to(ACC)
-        s = sigmoid(x)
-        if PW_MODE != 0:
-            t = pw * y
-            d = (t + 1.0 - y) * s - t
-        else:
-            d = s - y
-        tl.store(gx_ptr + offs, to_dtype(d * g, gx_ptr.dtype.element_ty), mask=mask)
+        tl.store(gx_ptr + offs, to_dtype(dx, gx_ptr.dtype.element_ty), mask=mask)
     if NEED_GY:
-        if PW_MODE != 0:
-            d = log_sigmoid(-x) - log_sigmoid(x) * pw
-        else:
-            d = -x
-        tl.store(gy_ptr + offs, to_dtype(d * g, gy_ptr.dtype.element_ty), mask=mask)
+        tl.store(gy_ptr + offs, to_dtype(dy, gy_ptr.dtype.element_ty), mask=mask)
 
 
 def _operands(input, target, weight, pos_weight):

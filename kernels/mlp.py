@@ -20,16 +20,18 @@ weight-gradient kernel (deterministic: no atomics). Other nets: the layers one a
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..constants import ACT_USES_MASK, ACTIVATIONS, mask_row_bytes
+from ..constants import ACT_USES_MASK, ACTIVATIONS, REDUCTIONS, mask_row_bytes
 from ..ops.mlp import SAVED_PER_LAYER, check_args, check_backward_args, present
-from ._common import tl_acc_dtype, to_dtype
+from ._common import Bcast, tl_acc_dtype, to_dtype
 from .batch_norm import batch_norm as _batch_norm
 from .batch_norm import batch_norm_backward as _batch_norm_backward
+from .bce_with_logits import bce_backward_values
 from .linear_act import _LEAKY_RELU as _LEAKY_C
 from .linear_act import _RELU as _RELU_C
 from .linear_act import _SIGMOID as _SIGMOID_C
@@ -45,6 +47,7 @@ _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _NONE, _RELU, _LEAKY = ACTIVATIONS["none"], ACTIVATIONS["relu"], ACTIVATIONS["leaky_relu"]
 _SIGMOID, _TANH = ACTIVATIONS["sigmoid"], ACTIVATIONS["tanh"]
+_NONE_REDUCTION, _MEAN_REDUCTION = REDUCTIONS["none"], REDUCTIONS["mean"]
 
 
 @triton.jit
@@ -193,10 +196,24 @@ def _mlp_fused_bwd_kernel(
     d0, d1, d2, d3, d4, d5, d6, d7, d8,
     M,
     slope,
+    t_ptr,  # LOSS: the target (M, d_L), contiguous; g_ptr is then the loss's gradient and
+    lw_ptr,  # y_ptr the logits; the loss's weight and pos_weight as Bcast (LW_MODE, LPW_MODE)
+    lw_inner,
+    lw_period,
+    lpw_ptr,
+    lpw_inner,
+    lpw_period,
+    gt_ptr,  # LOSS and NEED_GT: out, the target's gradient (M, d_L)
+    mean_div,  # LOSS: M * d_L for a mean, 0 otherwise
     L: tl.constexpr,
     ACT: tl.constexpr,
     OUT_ACT: tl.constexpr,
     NEED_GX: tl.constexpr,
+    LOSS: tl.constexpr,  # the last layer's dZ from the BCE-with-logits loss (OUT_ACT none)
+    LW_MODE: tl.constexpr,
+    LPW_MODE: tl.constexpr,
+    GRAD_ELEMWISE: tl.constexpr,  # LOSS: the loss is unreduced, g_ptr (M, d_L)
+    NEED_GT: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT_FP32: tl.constexpr,
     ACC: tl.constexpr,
@@ -207,7 +224,9 @@ def _mlp_fused_bwd_kernel(
     """A block of rows down through every layer: dZ of the last layer from the output's gradient,
     then dY_i = dZ_{i+1} W_{i+1} (dZ_{i+1} re-read a chunk at a time, as the forward re-reads its
     layer inputs) and dZ_i = dY_i * act'; every dZ written (the weight and bias gradients are
-    products over all rows, left to linear_act's kernels), the input's gradient last."""
+    products over all rows, left to linear_act's kernels), the input's gradient last. With LOSS
+    the last layer's dZ is the BCE-with-logits gradient computed here from the logits and the
+    target (no logits-gradient tensor), and the target's gradient is written in the same pass."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m[:, None].to(tl.int64)
     row_ok = offs_m[:, None] < M
@@ -218,38 +237,56 @@ def _mlp_fused_bwd_kernel(
             N = d8
         else:
             N = _pick(i + 1, d0, d1, d2, d3, d4, d5, d6, d7)
-        if i == L - 1:
-            g = tl.load(g_ptr + rows * N + offs_n[None, :], mask=row_ok & (offs_n[None, :] < N),
-                        other=0.0).to(ACC)  # fmt: skip
-        else:
-            # dY_i = dZ_{i+1} (BLOCK_M, N2) @ W_{i+1} (N2, N), N2 = d_{i+2}
-            if i + 2 == 8:
-                N2 = d8
-            else:
-                N2 = _pick(i + 2, d0, d1, d2, d3, d4, d5, d6, d7)
-            z_next = _pick(i + 1, z0, z1, z2, z3, z4, z5, z6, z7)
-            w_next = _pick(i + 1, w0, w1, w2, w3, w4, w5, w6, w7)
-            tl.debug_barrier()  # the next layer's dZ stores, visible to the whole block
-            g = tl.zeros((BLOCK_M, D), dtype=ACC)
+        z_ptr = _pick(i, z0, z1, z2, z3, z4, z5, z6, z7)
+        if i == L - 1 and LOSS:
+            # dZ = the loss's gradient (no output activation), BLOCK_K columns at a time and
+            # indexed in int32 (`make gpu-build-check`: D-wide tiles spilled at fp32 D = 128 on
+            # sm_80/sm_90, int64 indices (the broadcast operands' // and %) at fp32 D = 32)
             for c0 in tl.static_range(0, D, BLOCK_K):
                 cc = c0 + offs_k
-                a = tl.load(z_next + rows * N2 + cc[None, :], mask=row_ok & (cc[None, :] < N2),
-                            other=0.0)  # fmt: skip
-                b = tl.load(w_next + cc[:, None].to(tl.int64) * N + offs_n[None, :],
-                            mask=(cc[:, None] < N2) & (offs_n[None, :] < N), other=0.0)  # fmt: skip
-                if DOT_FP32:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                g = tl.dot(a, b, g, input_precision=PRECISION, out_dtype=ACC)
-        m_ptr = _pick(i, m0, m1, m2, m3, m4, m5, m6, m7)
-        if i == L - 1:
-            dz = _act_grad(g, slope, m_ptr, y_ptr, rows, row_ok, offs_n, N, OUT_ACT, BLOCK_M, D)
+                offs = offs_m[:, None] * N + cc[None, :]  # int32: the launcher checks M * N
+                ok = row_ok & (cc[None, :] < N)
+                dz, gt = bce_backward_values(
+                    g_ptr, y_ptr, t_ptr, lw_ptr, lw_inner, lw_period, lpw_ptr, lpw_inner,
+                    lpw_period, offs, ok, mean_div, LW_MODE, LPW_MODE, GRAD_ELEMWISE, True,
+                    NEED_GT, ACC,
+                )  # fmt: skip
+                tl.store(z_ptr + offs, to_dtype(dz, z_ptr.dtype.element_ty), mask=ok)
+                if NEED_GT:
+                    tl.store(gt_ptr + offs, to_dtype(gt, gt_ptr.dtype.element_ty), mask=ok)
         else:
-            s_ptr = _pick(i, h0, h1, h2, h3, h4, h5, h6, h7)
-            dz = _act_grad(g, slope, m_ptr, s_ptr, rows, row_ok, offs_n, N, ACT, BLOCK_M, D)
-        z_ptr = _pick(i, z0, z1, z2, z3, z4, z5, z6, z7)
-        tl.store(z_ptr + rows * N + offs_n[None, :], to_dtype(dz, z_ptr.dtype.element_ty),
-                 mask=row_ok & (offs_n[None, :] < N))  # fmt: skip
+            if i == L - 1:
+                g = tl.load(g_ptr + rows * N + offs_n[None, :], mask=row_ok & (offs_n[None, :] < N),
+                            other=0.0).to(ACC)  # fmt: skip
+            else:
+                # dY_i = dZ_{i+1} (BLOCK_M, N2) @ W_{i+1} (N2, N), N2 = d_{i+2}
+                if i + 2 == 8:
+                    N2 = d8
+                else:
+                    N2 = _pick(i + 2, d0, d1, d2, d3, d4, d5, d6, d7)
+                z_next = _pick(i + 1, z0, z1, z2, z3, z4, z5, z6, z7)
+                w_next = _pick(i + 1, w0, w1, w2, w3, w4, w5, w6, w7)
+                tl.debug_barrier()  # the next layer's dZ stores, visible to the whole block
+                g = tl.zeros((BLOCK_M, D), dtype=ACC)
+                for c0 in tl.static_range(0, D, BLOCK_K):
+                    cc = c0 + offs_k
+                    a = tl.load(z_next + rows * N2 + cc[None, :], mask=row_ok & (cc[None, :] < N2),
+                                other=0.0)  # fmt: skip
+                    b = tl.load(w_next + cc[:, None].to(tl.int64) * N + offs_n[None, :],
+                                mask=(cc[:, None] < N2) & (offs_n[None, :] < N),
+                                other=0.0)  # fmt: skip
+                    if DOT_FP32:
+                        a = a.to(tl.float32)
+                        b = b.to(tl.float32)
+                    g = tl.dot(a, b, g, input_precision=PRECISION, out_dtype=ACC)
+            m_ptr = _pick(i, m0, m1, m2, m3, m4, m5, m6, m7)
+            if i == L - 1:
+                dz = _act_grad(g, slope, m_ptr, y_ptr, rows, row_ok, offs_n, N, OUT_ACT, BLOCK_M, D)
+            else:
+                s_ptr = _pick(i, h0, h1, h2, h3, h4, h5, h6, h7)
+                dz = _act_grad(g, slope, m_ptr, s_ptr, rows, row_ok, offs_n, N, ACT, BLOCK_M, D)
+            tl.store(z_ptr + rows * N + offs_n[None, :], to_dtype(dz, z_ptr.dtype.element_ty),
+                     mask=row_ok & (offs_n[None, :] < N))  # fmt: skip
     if NEED_GX:  # dX = dZ_0 (BLOCK_M, d1) @ W_0 (d1, d0)
         tl.debug_barrier()
         gx = tl.zeros((BLOCK_M, D), dtype=ACC)
@@ -346,12 +383,26 @@ def _mlp_fused(input, weights, biases, activation, negative_slope, output_activa
     return y, saved
 
 
+class FusedLoss(NamedTuple):
+    """The BCE-with-logits loss whose gradient the fused backward starts from
+    (kernels/mlp_bce_with_logits.py): the target contiguous, weight and pos_weight as ``Bcast``
+    of the logits' shape, the target's gradient to write (or None), the reduction's code."""
+
+    target: torch.Tensor
+    weight: Bcast
+    pos_weight: Bcast
+    target_grad: torch.Tensor | None
+    reduction: int
+
+
 def _mlp_backward_fused(
     grad, input, output, weights, saved, activation, negative_slope, output_activation,
-    input_grad, weight_grads, bias_grads, biases,
+    input_grad, weight_grads, bias_grads, biases, loss: FusedLoss | None = None,
 ):  # fmt: skip
     """The backward of a net the fused forward ran: dZ of every layer and dX in one kernel, then
-    each layer's dW and db from its dZ (linear_act's weight-gradient kernel, deterministic)."""
+    each layer's dW and db from its dZ (linear_act's weight-gradient kernel, deterministic).
+    With ``loss``, ``grad`` is the loss's gradient and ``output`` the logits: the kernel computes
+    the last layer's dZ from the loss (and the target's gradient, if ``loss.target_grad``)."""
     M, n_layers = input.shape[0], len(weights)
     dev, dt = input.device, input.dtype
     x, ws, dims, widths, grid, meta = _fused_operands(input, weights, backward=True)
@@ -359,12 +410,24 @@ def _mlp_backward_fused(
     masks = [saved[SAVED_PER_LAYER * i + 1] for i in range(n_layers - 1)] + [saved[-1]]
     zs = [torch.empty((M, n), dtype=dt, device=dev) for n in dims[1:]]
     gx = torch.empty_like(x) if input_grad else input.new_empty((0,))
-    g = grad.contiguous()
+    if loss is None:
+        g = grad.contiguous()
+        loss_args = [g, g, 1, 1, g, 1, 1, g, 0]
+        loss_meta = dict(LOSS=False, LW_MODE=0, LPW_MODE=0, GRAD_ELEMWISE=False, NEED_GT=False)
+    else:
+        elemwise = loss.reduction == _NONE_REDUCTION
+        g = grad.to(dt).contiguous() if elemwise else grad
+        gt = loss.target_grad
+        mean_div = output.numel() if loss.reduction == _MEAN_REDUCTION else 0
+        loss_args = [loss.target, *loss.weight.args, *loss.pos_weight.args,
+                     loss.target if gt is None else gt, mean_div]  # fmt: skip
+        loss_meta = dict(LOSS=True, LW_MODE=loss.weight.mode, LPW_MODE=loss.pos_weight.mode,
+                         GRAD_ELEMWISE=elemwise, NEED_GT=gt is not None)  # fmt: skip
     _mlp_fused_bwd_kernel[grid](
         g, output, gx if input_grad else g, *_pad(ws, g), *_pad(hs, g),
         *_pad([m if m.numel() else g for m in masks], g), *_pad(zs, g), *widths, M,
-        float(negative_slope), L=n_layers, ACT=activation, OUT_ACT=output_activation,
-        NEED_GX=bool(input_grad), **meta,
+        float(negative_slope), *loss_args, L=n_layers, ACT=activation,
+        OUT_ACT=output_activation, NEED_GX=bool(input_grad), **loss_meta, **meta,
     )  # fmt: skip
     gw = [input.new_empty((0,)) for _ in range(n_layers)]
     gb = [input.new_empty((0,)) for _ in range(n_layers)]
@@ -495,9 +558,9 @@ def mlp_backward(
 def aot_specs() -> list[dict]:
     """The fused forward and backward as `make gpu-build-check` compiles them for sm_80/sm_90:
     each padded width (16, 32, 64, 128) in fp16, bf16 and fp32 (TF32 off), three layers (the
-    forward with biases, ReLU hidden and sigmoid output; the backward with ReLU / sigmoid and
-    tanh / leaky ReLU) (the layer-by-layer path runs the kernels of linear_act and batch_norm, which
-    their modules' specs compile)."""
+    forward with biases, ReLU hidden and sigmoid output; the backward with ReLU / sigmoid,
+    tanh / leaky ReLU, and ReLU starting from the BCE-with-logits loss) (the layer-by-layer path
+    runs the kernels of linear_act and batch_norm, which their modules' specs compile)."""
     from ._common import aot_spec
 
     specs = []
@@ -538,18 +601,34 @@ def aot_specs() -> list[dict]:
                 types.update({f"{p}{i}": f"*{dt}" for i in range(MAX_FUSED_LAYERS)})
             types.update({f"m{i}": "*u8" for i in range(MAX_FUSED_LAYERS)})
             types.update({f"d{i}": "i32" for i in range(MAX_FUSED_LAYERS + 1)})
-            types.update(M="i32", slope="fp32")
-            for act, out_act in (("relu", "sigmoid"), ("tanh", "leaky_relu")):
+            types.update(M="i32", slope="fp32", mean_div="i32")
+            types.update({a: f"*{dt}" for a in ("t_ptr", "lw_ptr", "lpw_ptr", "gt_ptr")})
+            types.update({a: "i32" for a in ("lw_inner", "lw_period", "lpw_inner", "lpw_period")})
+            # The net's backward from the output's gradient, and from the loss (a per-row weight,
+            # a per-output pos_weight, a mean, the target's gradient too).
+            for act, out_act, loss in (
+                ("relu", "sigmoid", False),
+                ("tanh", "leaky_relu", False),
+                ("relu", "none", True),
+            ):
+                loss_meta = dict(
+                    LOSS=loss,
+                    LW_MODE=2 if loss else 0,
+                    LPW_MODE=2 if loss else 0,
+                    GRAD_ELEMWISE=False,
+                    NEED_GT=loss,
+                )
                 specs.append(
                     aot_spec(
                         _mlp_fused_bwd_kernel,
-                        f"mlp_fused_bwd[{dt},D={d},{act},{out_act}]",
+                        f"mlp_fused_bwd[{dt},D={d},{act},{out_act}{',bce' if loss else ''}]",
                         types,
                         dict(
                             L=3,
                             ACT=ACTIVATIONS[act],
                             OUT_ACT=ACTIVATIONS[out_act],
                             NEED_GX=True,
+                            **loss_meta,
                             PRECISION="ieee",
                             DOT_FP32=False,
                             ACC=tl.float32,

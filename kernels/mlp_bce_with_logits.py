@@ -1,15 +1,23 @@
 """Triton launchers of the fused net-and-loss ops (hpml::mlp_bce_with_logits_triton and its
-backward): the net through ``kernels/mlp.py`` (its fused kernel where it applies: no batch norm,
-widths <= 128) and the loss through ``kernels/bce_with_logits.py``, one op call each way. The
-loss's gradient is the net's output gradient here: on a GPU it is one more pass over the logits
-(M x out_features, one column for a binary classifier), not fused into the net's backward kernel
-yet (the C++ CPU kernel fuses it: ``csrc/mlp.cpp``, MlpLoss)."""
+backward), one op call each way. Forward: the net through ``kernels/mlp.py`` (its fused kernel
+where it applies: no batch norm, widths <= 128), then the loss through
+``kernels/bce_with_logits.py``. Backward: for a net the fused kernel runs, the net's fused
+backward kernel starts from the loss (the last layer's dZ computed from the logits, target,
+weight and pos_weight where it is needed, the target's gradient written in the same pass: no
+logits-gradient tensor, as the C++ CPU kernel, ``csrc/mlp.cpp`` MlpLoss); other nets take the
+loss's gradient with the loss's kernel and then run the net's layer-by-layer backward.
+"""
 
 from __future__ import annotations
 
+import torch
+
+from ..ops.mlp import present
 from ..ops.mlp_bce_with_logits import check_args, check_backward_args
+from .bce_with_logits import _operands as _bce_operands
 from .bce_with_logits import bce_with_logits as _bce
 from .bce_with_logits import bce_with_logits_backward as _bce_backward
+from .mlp import FusedLoss, _fusable, _mlp_backward_fused
 from .mlp import mlp as _mlp
 from .mlp import mlp_backward as _mlp_backward
 
@@ -47,6 +55,16 @@ def mlp_bce_with_logits_backward(
         or any(bn_weight_grads)
         or any(bn_bias_grads)
     )
+    # (the fused kernel indexes the loss's operands in int32)
+    if net and _fusable(input, weights, batch_norm) and logits.numel() < 2**31:
+        xl, y, w, pw = _bce_operands(logits, target, weight, pos_weight)
+        gt = torch.empty_like(y) if target_grad else None
+        gx, gw, gb, gbw, gbb = _mlp_backward_fused(
+            grad, input, xl, weights, saved, activation, negative_slope, 0,
+            input_grad, weight_grads, bias_grads, present(biases),
+            loss=FusedLoss(y, w, pw, gt, reduction),
+        )  # fmt: skip
+        return gx, (input.new_empty((0,)) if gt is None else gt), gw, gb, gbw, gbb
     g_logits, g_target = _bce_backward(
         grad, logits, target, weight, pos_weight, reduction, net, target_grad
     )

@@ -182,6 +182,32 @@ def test_cpu_fused_backward_matches_the_ops_apart(rows, loss, config):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("config", ["relu", "tanh-leaky-out", "deep-8"])
+@pytest.mark.parametrize("loss", LOSSES[1:], ids=["none", "weights", "full-weight", "full-pw"])
+def test_triton_fused_backward_matches_the_kernels_apart(loss, config, monkeypatch):
+    """The Triton backward of a net the fused kernel runs starts from the loss inside the net's
+    fused backward kernel (the target's gradient written in the same pass) and never runs the
+    loss's backward kernel; it gives the same bits as the loss's backward kernel followed by the
+    net's fused backward (the same fp32 arithmetic; only the logits gradient is not a tensor)."""
+    from hpml_ops.kernels import mlp_bce_with_logits as kmod
+
+    if "triton" not in OP.ops:
+        pytest.skip("the Triton backend is unavailable")
+    kw = _loss_kw(config, torch.float32, 7, 37, **loss)
+    calls = []
+    apart_backward = kmod._bce_backward
+    monkeypatch.setattr(kmod, "_bce_backward", lambda *a: calls.append(1) or apart_backward(*a))
+    with hpml_ops.use_backend("triton"):
+        fused = _run(hpml_ops.mlp_bce_with_logits, _leaves(kw), 7)
+        assert calls == []  # the loss's own backward kernel did not run
+        monkeypatch.setattr(kmod, "_fusable", lambda *a: False)  # the loss's kernel, then the net's
+        apart = _run(hpml_ops.mlp_bce_with_logits, _leaves(kw), 7)
+        assert calls == [1]
+    assert torch.equal(fused[0], apart[0]) and torch.equal(fused[1], apart[1])
+    for name, a, b in zip(_names(kw), fused[2], apart[2], strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_cpu_backward_is_one_op_without_the_loss_backward():
     """On CPU (fp32, the whole-network kernel) the backward is one op call, and the loss's
     backward op (which would write the logits' gradient) is not called."""

@@ -5,7 +5,8 @@ Ops (schemas: ``schema.py``): ``hpml::mlp_bce_with_logits[_backward]`` (C++:
 ``csrc/mlp_bce_with_logits.{h,cpp}``: on CPU the backward of an fp32/fp64 net starts from the
 loss inside the whole-network kernel, the last layer's dZ computed from the loss a block of rows
 at a time, never a logits gradient of its own) and ``hpml::mlp_bce_with_logits[_backward]_triton``
-(``kernels/mlp_bce_with_logits.py``). The forward returns the loss, the logits (for metrics; not
+(``kernels/mlp_bce_with_logits.py``: likewise inside the net's fused backward kernel, for the nets
+that kernel runs). The forward returns the loss, the logits (for metrics; not
 differentiable) and what the net's backward needs, as ``hpml::mlp``; ``mlp_bce_with_logits``
 updates the running statistics in place.
 """
