@@ -1,21 +1,27 @@
 """Triton launchers of the whole-MLP ops (hpml::mlp_triton, hpml::mlp_backward_triton), with the
 same saved tensors as the C++ op (csrc/mlp.h).
 
-Forward: a net without batch norm whose widths are all at most 128 (input included), of at most
-8 layers, in fp32/fp16/bf16, runs as one kernel (``_mlp_fused_fwd_kernel``): a program takes a
-block of rows through every layer, the products on ``tl.dot`` with fp32 accumulation (as
+Forward: a net whose widths are all at most 128 (input included), of at most 8 layers, in
+fp32/fp16/bf16, runs as one kernel per run of layers between batch norms
+(``_mlp_fused_fwd_kernel``; a net without batch norm is one kernel): a program takes a block of
+rows through every layer of the run, the products on ``tl.dot`` with fp32 accumulation (as
 linear_act: the weights padded with zeros to one power-of-two width ``D``), the bias, activation
 and ReLU mask in the epilogue, each hidden layer's output written once (it is what the backward
 reads) and read back by the same program, a chunk of ``BLOCK_K`` columns at a time, as the next
 layer's input (it is still in L1/L2; holding a whole 128-wide weight in registers would spill).
-Other nets, and every net under ``HPML_MLP_KERNEL=layers``, run the layers one after another
-through the Triton kernels of linear_act and batch_norm inside the one op call.
+A run that ends at a batch-norm layer writes that layer's linear output z; the batch norm (its
+statistics are over the whole batch, so it cannot be inside a block of rows) and the activation
+then run with batch_norm's kernels, and the next run starts from their output. Other nets, and
+every net under ``HPML_MLP_KERNEL=layers``, run the layers one after another through the Triton
+kernels of linear_act and batch_norm inside the one op call.
 
-Backward, for the nets the fused forward runs: one kernel takes a block of rows down through
-every layer (the output's gradient, each layer's dZ from its mask or saved output, dY of the layer
-below from dZ re-read a chunk at a time), writing every layer's dZ and the input's gradient;
-each layer's dW and db are then products over all rows, computed from its dZ by linear_act's
-weight-gradient kernel (deterministic: no atomics). Other nets: the layers one after another."""
+Backward, for the nets the fused forward runs, one run of layers at a time from the last: one
+kernel takes a block of rows down through every layer of the run (the output's gradient, or the
+loss's, each layer's dZ from its mask or saved output, dY of the layer below from dZ re-read a
+chunk at a time), writing every layer's dZ and the run's input gradient; each layer's dW and db
+are then products over all rows, computed from its dZ by linear_act's weight-gradient kernel
+(deterministic: no atomics); between runs, the batch norm's backward. Other nets: the layers one
+after another."""
 
 from __future__ import annotations
 
@@ -303,11 +309,10 @@ def _mlp_fused_bwd_kernel(
                  mask=row_ok & (offs_n[None, :] < d0))  # fmt: skip
 
 
-def _fusable(input, weights, batch_norm) -> bool:
-    """Whether the fused forward runs this net (module docstring)."""
+def _fusable(input, weights) -> bool:
+    """Whether the fused kernels run this net (module docstring)."""
     return (
         os.environ.get("HPML_MLP_KERNEL", "") != "layers"
-        and not any(batch_norm)
         and 1 <= len(weights) <= MAX_FUSED_LAYERS
         and input.dtype in _FUSED_DTYPES
         and input.shape[0] > 0
@@ -444,6 +449,52 @@ def _mlp_backward_fused(
     return gx, gw, gb, gbw, gbb
 
 
+def _segments(batch_norm, n_layers) -> list[tuple[int, int]]:
+    """The net cut after each batch-norm layer: (first, last) layer of each run that one fused
+    kernel takes (the last layer of a run is a batch-norm layer, whose linear output z it writes,
+    or the net's last layer)."""
+    cuts = [i for i in range(n_layers - 1) if batch_norm[i]] + [n_layers - 1]
+    return [(0 if k == 0 else cuts[k - 1] + 1, c) for k, c in enumerate(cuts)]
+
+
+def _bn_act(z, i, bn_weights, bn_biases, running_means, running_vars, training, eps, activation,
+            negative_slope):  # fmt: skip
+    """Hidden layer ``i``'s batch norm and activation from its linear output ``z``: (its output,
+    its six saved tensors) as hpml::mlp saves them (ReLU fused into the batch norm)."""
+    a, mean, invstd, var = _batch_norm(
+        z, bn_weights[i], bn_biases[i], running_means[i], running_vars[i], training, eps,
+        1 if activation == _RELU else 0,
+    )  # fmt: skip
+    out, aux = a, z.new_empty((0,))
+    if activation == _LEAKY:
+        out, aux = torch.nn.functional.leaky_relu(a, negative_slope), a
+    elif activation == _SIGMOID:
+        out = torch.sigmoid(a)
+    elif activation == _TANH:
+        out = torch.tanh(a)
+    return out, [out, aux, z, mean, invstd, var]
+
+
+def _bn_act_backward(g, i, bn_weights, saved, training, activation, negative_slope, bn_weight_grads,
+                     bn_bias_grads):  # fmt: skip
+    """Hidden layer ``i``'s activation and batch norm backward from its output's gradient ``g``:
+    (dZ, its batch-norm weight's and bias's gradients)."""
+    s = SAVED_PER_LAYER * i
+    h, aux = saved[s], saved[s + 1]
+    ga = g
+    if activation == _LEAKY:
+        ga = torch.where(aux > 0, g, g * negative_slope)
+    elif activation == _SIGMOID:
+        ga = torch.ops.aten.sigmoid_backward(g, h)
+    elif activation == _TANH:
+        ga = torch.ops.aten.tanh_backward(g, h)
+    return _batch_norm_backward(
+        ga, saved[s + 2], bn_weights[i], h, saved[s + 3], saved[s + 4], training,
+        1 if activation == _RELU else 0, True,
+        bool(bn_weight_grads[i]) and bn_weights[i] is not None, bool(bn_bias_grads[i]),
+    )  # fmt: skip
+
+
 def mlp(
     input, weights, biases, batch_norm, bn_weights, bn_biases, running_means, running_vars,
     training, eps, activation, negative_slope, output_activation,
@@ -455,8 +506,22 @@ def mlp(
     )  # fmt: skip
     biases, bn_weights, bn_biases = present(biases), present(bn_weights), present(bn_biases)
     running_means, running_vars = present(running_means), present(running_vars)
-    if _fusable(input, weights, batch_norm):
-        return _mlp_fused(input, weights, biases, activation, negative_slope, output_activation)
+    bn = (bn_weights, bn_biases, running_means, running_vars, training, eps, activation,
+          negative_slope)  # fmt: skip
+    if _fusable(input, weights):
+        # A fused kernel per run of layers between batch norms, the batch norm between them.
+        saved, h = [], input
+        for first, last in _segments(batch_norm, len(weights)):
+            out_act = output_activation if last == len(weights) - 1 else _NONE
+            h, part = _mlp_fused(
+                h, weights[first : last + 1], biases[first : last + 1], activation,
+                negative_slope, out_act,
+            )  # fmt: skip
+            saved += part[:-1]  # (the mask of a batch-norm layer's linear output: none)
+            if last < len(weights) - 1:
+                h, part = _bn_act(h, last, *bn)
+                saved += part
+        return h, [*saved, part[-1]]
 
     def none():  # a fresh one each time: the outputs of an op may not alias each other
         return input.new_empty((0,))
@@ -470,22 +535,59 @@ def mlp(
             h = out
             continue
         z, _ = _linear_act(h, w, biases[i], _NONE, 0.0)
-        a, mean, invstd, var = _batch_norm(
-            z, bn_weights[i], bn_biases[i], running_means[i], running_vars[i], training, eps,
-            1 if activation == _RELU else 0,
-        )  # fmt: skip
-        out, aux = a, none()
-        if activation == _LEAKY:
-            out, aux = torch.nn.functional.leaky_relu(a, negative_slope), a
-        elif activation == _SIGMOID:
-            out = torch.sigmoid(a)
-        elif activation == _TANH:
-            out = torch.tanh(a)
-        saved += [out, aux, z, mean, invstd, var]
-        h = out
+        h, part = _bn_act(z, i, *bn)
+        saved += part
     y, mask = _linear_act(h, weights[-1], biases[-1], output_activation, negative_slope)
     saved.append(mask)
     return y, saved
+
+
+def _wanted_below(input_grad, weight_grads, bias_grads, bn_weight_grads, bn_bias_grads):
+    """below[i]: a gradient is wanted from the layers before layer i (i = 0..L)."""
+    below = [bool(input_grad)]
+    for j in range(len(weight_grads)):
+        here = weight_grads[j] or bias_grads[j]
+        if j < len(weight_grads) - 1:
+            here = here or bn_weight_grads[j] or bn_bias_grads[j]
+        below.append(below[-1] or bool(here))
+    return below
+
+
+def backward_fused_net(
+    grad, input, output, weights, biases, batch_norm, bn_weights, saved, training, activation,
+    negative_slope, output_activation, input_grad, weight_grads, bias_grads, bn_weight_grads,
+    bn_bias_grads, loss: FusedLoss | None = None,
+):  # fmt: skip
+    """The backward of a net the fused forward ran (``_fusable``), a run of layers between batch
+    norms at a time from the last: one fused kernel per run (``_mlp_backward_fused``; the last
+    run's from the loss with ``loss``), the batch norm's backward between runs."""
+    n_layers = len(weights)
+    below = _wanted_below(input_grad, weight_grads, bias_grads, bn_weight_grads, bn_bias_grads)
+    gw = [input.new_empty((0,)) for _ in range(n_layers)]
+    gb = [input.new_empty((0,)) for _ in range(n_layers)]
+    gbw = [input.new_empty((0,)) for _ in range(n_layers - 1)]
+    gbb = [input.new_empty((0,)) for _ in range(n_layers - 1)]
+    g, gx = grad, input.new_empty((0,))
+    for first, last in reversed(_segments(batch_norm, n_layers)):
+        if not below[last + 1]:
+            break
+        top = last == n_layers - 1
+        seg_in = input if first == 0 else saved[SAVED_PER_LAYER * (first - 1)]
+        seg_out = output if top else saved[SAVED_PER_LAYER * last + 2]  # the output, or z
+        tail = saved[-1] if top else input.new_empty((0,), dtype=torch.uint8)
+        gx, gw[first : last + 1], gb[first : last + 1], _, _ = _mlp_backward_fused(
+            g, seg_in, seg_out, weights[first : last + 1],
+            [*saved[SAVED_PER_LAYER * first : SAVED_PER_LAYER * last], tail], activation,
+            negative_slope, output_activation if top else _NONE, below[first],
+            weight_grads[first : last + 1], bias_grads[first : last + 1],
+            biases[first : last + 1], loss=loss if top else None,
+        )  # fmt: skip
+        if first > 0 and below[first]:
+            g, gbw[first - 1], gbb[first - 1] = _bn_act_backward(
+                gx, first - 1, bn_weights, saved, training, activation, negative_slope,
+                bn_weight_grads, bn_bias_grads,
+            )  # fmt: skip
+    return (gx if input_grad else input.new_empty((0,))), gw, gb, gbw, gbb
 
 
 def mlp_backward(
@@ -497,21 +599,17 @@ def mlp_backward(
     check_backward_args(grad, input, output, weights, biases, batch_norm, bn_weights, saved)
     biases, bn_weights = present(biases), present(bn_weights)
     n_layers = len(weights)
-    if _fusable(input, weights, batch_norm):  # (the fused forward saved these tensors)
-        return _mlp_backward_fused(
-            grad, input, output, weights, saved, activation, negative_slope, output_activation,
-            input_grad, weight_grads, bias_grads, biases,
+    if _fusable(input, weights):  # (the fused forward saved these tensors)
+        return backward_fused_net(
+            grad, input, output, weights, biases, batch_norm, bn_weights, saved, training,
+            activation, negative_slope, output_activation, input_grad, weight_grads, bias_grads,
+            bn_weight_grads, bn_bias_grads,
         )  # fmt: skip
 
     def none():
         return input.new_empty((0,))
 
-    below = [bool(input_grad)]  # below[i]: a gradient is wanted from the layers before layer i
-    for j in range(n_layers):
-        here = weight_grads[j] or bias_grads[j]
-        if j < n_layers - 1:
-            here = here or bn_weight_grads[j] or bn_bias_grads[j]
-        below.append(below[-1] or bool(here))
+    below = _wanted_below(input_grad, weight_grads, bias_grads, bn_weight_grads, bn_bias_grads)
     gw, gb = [none() for _ in range(n_layers)], [none() for _ in range(n_layers)]
     gbw, gbb = [none() for _ in range(n_layers - 1)], [none() for _ in range(n_layers - 1)]
 
@@ -528,25 +626,16 @@ def mlp_backward(
         if not below[i + 1]:
             break
         s = SAVED_PER_LAYER * i
-        h, aux = saved[s], saved[s + 1]
         wg, bg = weight_grads[i], bias_grads[i] and biases[i] is not None
         if not batch_norm[i]:
             g, gw[i], gb[i] = _linear_act_backward(
-                g, layer_input(i), weights[i], h, aux, activation, negative_slope, below[i],
-                wg, bg,
+                g, layer_input(i), weights[i], saved[s], saved[s + 1], activation,
+                negative_slope, below[i], wg, bg,
             )  # fmt: skip
             continue
-        ga = g
-        if activation == _LEAKY:
-            ga = torch.where(aux > 0, g, g * negative_slope)
-        elif activation == _SIGMOID:
-            ga = torch.ops.aten.sigmoid_backward(g, h)
-        elif activation == _TANH:
-            ga = torch.ops.aten.tanh_backward(g, h)
-        gz, gbw[i], gbb[i] = _batch_norm_backward(
-            ga, saved[s + 2], bn_weights[i], h, saved[s + 3], saved[s + 4], training,
-            1 if activation == _RELU else 0, True,
-            bool(bn_weight_grads[i]) and bn_weights[i] is not None, bool(bn_bias_grads[i]),
+        gz, gbw[i], gbb[i] = _bn_act_backward(
+            g, i, bn_weights, saved, training, activation, negative_slope, bn_weight_grads,
+            bn_bias_grads,
         )  # fmt: skip
         g, gw[i], gb[i] = _linear_act_backward(
             gz, layer_input(i), weights[i], none(), none().to(torch.uint8), _NONE, 0.0, below[i],

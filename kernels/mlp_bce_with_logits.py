@@ -1,12 +1,12 @@
 """Triton launchers of the fused net-and-loss ops (hpml::mlp_bce_with_logits_triton and its
-backward), one op call each way. Forward: the net through ``kernels/mlp.py`` (its fused kernel
-where it applies: no batch norm, widths <= 128), then the loss through
-``kernels/bce_with_logits.py``. Backward: for a net the fused kernel runs, the net's fused
-backward kernel starts from the loss (the last layer's dZ computed from the logits, target,
-weight and pos_weight where it is needed, the target's gradient written in the same pass: no
-logits-gradient tensor, as the C++ CPU kernel, ``csrc/mlp.cpp`` MlpLoss); other nets take the
-loss's gradient with the loss's kernel and then run the net's layer-by-layer backward.
-"""
+backward), one op call each way. Forward: the net through ``kernels/mlp.py`` (its fused kernels
+where they apply: widths <= 128, one kernel per run of layers between batch norms), then the loss
+through ``kernels/bce_with_logits.py``. Backward: for a net the fused kernels run, the fused
+backward kernel of the net's last run of layers starts from the loss (the last layer's dZ
+computed from the logits, target, weight and pos_weight where it is needed, the target's gradient
+written in the same pass: no logits-gradient tensor, as the C++ CPU kernel, ``csrc/mlp.cpp``
+MlpLoss); other nets take the loss's gradient with the loss's kernel and then run the net's
+layer-by-layer backward."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ..ops.mlp_bce_with_logits import check_args, check_backward_args
 from .bce_with_logits import _operands as _bce_operands
 from .bce_with_logits import bce_with_logits as _bce
 from .bce_with_logits import bce_with_logits_backward as _bce_backward
-from .mlp import FusedLoss, _fusable, _mlp_backward_fused
+from .mlp import FusedLoss, _fusable, backward_fused_net
 from .mlp import mlp as _mlp
 from .mlp import mlp_backward as _mlp_backward
 
@@ -56,13 +56,13 @@ def mlp_bce_with_logits_backward(
         or any(bn_bias_grads)
     )
     # (the fused kernel indexes the loss's operands in int32)
-    if net and _fusable(input, weights, batch_norm) and logits.numel() < 2**31:
+    if net and _fusable(input, weights) and logits.numel() < 2**31:
         xl, y, w, pw = _bce_operands(logits, target, weight, pos_weight)
         gt = torch.empty_like(y) if target_grad else None
-        gx, gw, gb, gbw, gbb = _mlp_backward_fused(
-            grad, input, xl, weights, saved, activation, negative_slope, 0,
-            input_grad, weight_grads, bias_grads, present(biases),
-            loss=FusedLoss(y, w, pw, gt, reduction),
+        gx, gw, gb, gbw, gbb = backward_fused_net(
+            grad, input, xl, weights, present(biases), batch_norm, present(bn_weights), saved,
+            training, activation, negative_slope, 0, input_grad, weight_grads, bias_grads,
+            bn_weight_grads, bn_bias_grads, loss=FusedLoss(y, w, pw, gt, reduction),
         )  # fmt: skip
         return gx, (input.new_empty((0,)) if gt is None else gt), gw, gb, gbw, gbb
     g_logits, g_target = _bce_backward(

@@ -151,6 +151,17 @@ def _battery():
             g = _t((37, 23), dt, 7)
             grads = E.linear_act_backward(g, x, wt, out, mask, act, 0.1, True, True, True)
             res += [out, mask, *grads]
+        if dt in (torch.float16, torch.bfloat16):  # the fused MLP kernels (csrc/cuda/mlp.cu)
+            x, none = _t((37, 29), dt, 14), torch.empty(0, 0, dtype=dt)
+            ws = [_t((23, 29), dt, 15, scale=0.2), _t((3, 23), dt, 16, scale=0.2)]
+            bs, no = [_t((23,), dt, 17), none], [none]
+            out, saved = E.mlp(x, ws, bs, [False], no, no, no, no, True, 1e-5, 1, 0.1, 3)
+            res += [out, *saved]
+            gx, gw, gb, _, _ = E.mlp_backward(
+                _t((37, 3), dt, 18), x, out, ws, bs, [False], no, saved, True, 1, 0.1, 3, True,
+                [True, True], [True, False], [False], [False],
+            )  # fmt: skip
+            res += [gx, *gw, *gb]
         pdt = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
         for shape, cl in (
             ((64, 8), False),  # rows, 16-byte packs

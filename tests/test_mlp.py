@@ -193,13 +193,25 @@ def test_parity_many_blocks(config, rows):
 # The Triton forward and backward as one kernel each (kernels/mlp.py): nets without batch norm,
 # widths <= 128, <= 8 layers, fp32/fp16/bf16. Rows over several row blocks, a non-contiguous input.
 FUSED = ["relu", "sigmoid-nobias", "one-layer", "tanh-leaky-out", "wide-128", "deep-8"]
+# batch-norm nets: one fused kernel per run of layers between batch norms
+FUSED_BN = {"leaky-bn": 3, "tanh-bn-some": 2, "relu-bn-eval": 3, "none-bn": 2, "deep-odd": 4}
 
 
-@pytest.mark.parametrize("config", FUSED)
+def _check_non_contiguous_input(config, dtype, backend):
+    kw = _make(config, dtype, 4, rows=70)
+    kw["input"] = torch.cat([kw["input"], kw["input"]], 1)[:, ::2]  # row stride 2 x columns
+    with hpml_ops.use_backend(backend):
+        got = hpml_ops.mlp(**kw)
+    want = reference.mlp(**_up(kw))
+    assert_close_to_oracle(got, want, reference.mlp(**kw), what="non-contiguous input")
+
+
+@pytest.mark.parametrize("config", FUSED + list(FUSED_BN))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=dtype_id)
 def test_triton_fused_forward(dtype, config, monkeypatch):
-    """The fused forward and backward run (once per call each) and the output and every gradient
-    are torch's in float64 within the usual tolerance."""
+    """The fused forward and backward run (once per call each, or once per run of layers between
+    batch norms) and the output, every gradient and the running statistics are torch's in
+    float64 within the usual tolerance."""
     if hpml_ops._backend.unavailable_reason("triton", DEVICE, "mlp"):
         pytest.skip("triton unavailable here: " + hpml_ops._backend.unavailable_reason(
             "triton", DEVICE, "mlp"))  # fmt: skip
@@ -209,22 +221,93 @@ def test_triton_fused_forward(dtype, config, monkeypatch):
     fused, fused_bwd = kernels_mlp._mlp_fused, kernels_mlp._mlp_backward_fused
     monkeypatch.setattr(kernels_mlp, "_mlp_fused", lambda *a: calls.append(1) or fused(*a))
     monkeypatch.setattr(
-        kernels_mlp, "_mlp_backward_fused", lambda *a: back.append(1) or fused_bwd(*a)
+        kernels_mlp, "_mlp_backward_fused", lambda *a, **k: back.append(1) or fused_bwd(*a, **k)
     )
     _check(config, dtype, "triton", seed=3, rows=70)
-    assert len(calls) == 1 and len(back) == 1
-    kw = _make(config, dtype, 4, rows=70)
-    kw["input"] = torch.cat([kw["input"], kw["input"]], 1)[:, ::2]  # row stride 2 x columns
-    with hpml_ops.use_backend("triton"):
-        got = hpml_ops.mlp(**kw)
-    want = reference.mlp(**_up(kw))
-    assert_close_to_oracle(got, want, reference.mlp(**kw), what="non-contiguous input")
-    assert len(calls) == 2
+    runs = FUSED_BN.get(config, 1)
+    assert len(calls) == runs and len(back) == runs
+    _check_non_contiguous_input(config, dtype, "triton")
+    assert len(calls) == 2 * runs
+
+
+def _emu_layer_calls(fn, *args, **kwargs):
+    """fn(*args, **kwargs) under the profiler: (its result, how many per-layer forward ops
+    (hpml_emu::linear_act) the emulated whole-MLP op it calls (at least once) ran)."""
+    with torch.profiler.profile() as prof:
+        out = fn(*args, **kwargs)
+    names = [e.name for e in prof.events()]
+    assert "hpml_emu::mlp" in names
+    return out, names.count("hpml_emu::linear_act")
+
+
+@pytest.mark.parametrize("config", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_cuda_fused_forward(dtype, config):
+    """The fully fused CUDA forward and backward (csrc/cuda/mlp.cu: fp16/bf16, no batch norm,
+    widths <= 128), run by the CUDA emulator: the forward calls no per-layer op, and the output
+    and every gradient are torch's in float64 within twice torch's own error in the dtype; over
+    several row blocks (70 rows) and on a non-contiguous input."""
+    reason = hpml_ops._backend.unavailable_reason("cuda-emu", DEVICE, "mlp")
+    if reason:
+        pytest.skip("the CUDA emulator is unavailable here: " + reason)
+    assert _emu_layer_calls(_check, config, dtype, "cuda-emu", seed=3, rows=70)[1] == 0
+    _check_non_contiguous_input(config, dtype, "cuda-emu")
+
+
+@pytest.mark.parametrize("config", ["relu", "tanh-leaky-out", "wide-128", "deep-8"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_cuda_fused_matches_the_layers(dtype, config, monkeypatch):
+    """The fused CUDA kernels give the same bits as the per-layer kernels (HPML_MLP_KERNEL=layers)
+    for the output, the input's and every weight's gradient: the same tensor-core products
+    (16-deep steps in the same order, fp32 accumulation), the same roundings of each layer's
+    output, dY and dZ to the dtype; only the launches and the round trips of the activations
+    through memory differ. (The bias gradients may differ in the last bit: the fused path sums
+    dZ as rounded to the dtype, as torch does; linear_act's own backward sums it before rounding.
+    test_cuda_fused_forward holds them to torch in float64.)"""
+    reason = hpml_ops._backend.unavailable_reason("cuda-emu", DEVICE, "mlp")
+    if reason:
+        pytest.skip("the CUDA emulator is unavailable here: " + reason)
+    kw = _make(config, dtype, 5, rows=70)
+    with hpml_ops.use_backend("cuda-emu"):
+        fused = _run(hpml_ops.mlp, _leaves(kw), 5)
+        monkeypatch.setenv("HPML_MLP_KERNEL", "layers")
+        layers = _run(hpml_ops.mlp, _leaves(kw), 5)
+    assert torch.equal(fused[0], layers[0])
+    n_input_and_weights = 1 + len(kw["weights"])
+    for i, (a, b) in enumerate(zip(fused[1], layers[1], strict=True)):
+        if i < n_input_and_weights:
+            assert torch.equal(a, b), i
+
+
+def test_cuda_fused_forward_limits(monkeypatch):
+    """Batch norm, a width over 128, more than 8 layers, fp32 and HPML_MLP_KERNEL=layers run the
+    CUDA op's layer-by-layer path (and give torch's results)."""
+    reason = hpml_ops._backend.unavailable_reason("cuda-emu", DEVICE, "mlp")
+    if reason:
+        pytest.skip("the CUDA emulator is unavailable here: " + reason)
+    x = torch.randn(9, 5, device=DEVICE).half()
+    cases = [
+        ([torch.randn(129, 5), torch.randn(2, 129)], {}),
+        ([torch.randn(5, 5) for _ in range(9)], {}),
+        ([torch.randn(6, 5), torch.randn(2, 6)], dict(batch_norm=True, training=True)),
+    ]
+    with hpml_ops.use_backend("cuda-emu"):
+        for ws, extra in cases:
+            ws = [(w / w.shape[1] ** 0.5).half().to(DEVICE) for w in ws]
+            got, layer_calls = _emu_layer_calls(hpml_ops.mlp, x, ws, **extra)
+            assert layer_calls == len(ws)
+            want = reference.mlp(x.double(), [w.double() for w in ws], **extra)
+            assert_close_to_oracle(got, want, reference.mlp(x, ws, **extra), what=str(extra))
+        w1 = [torch.randn(3, 5, device=DEVICE)]
+        assert _emu_layer_calls(hpml_ops.mlp, x.float(), w1)[1] == 1
+        assert _emu_layer_calls(hpml_ops.mlp, x, [w1[0].half()])[1] == 0
+        monkeypatch.setenv("HPML_MLP_KERNEL", "layers")
+        assert _emu_layer_calls(hpml_ops.mlp, x, [w1[0].half()])[1] == 1
 
 
 def test_triton_fused_forward_limits(monkeypatch):
-    """Batch norm, a width over 128, more than 8 layers, fp64 and HPML_MLP_KERNEL=layers go layer
-    by layer, forward and backward (and give torch's results)."""
+    """A width over 128, more than 8 layers, fp64 and HPML_MLP_KERNEL=layers go layer by layer,
+    forward and backward (and give torch's results)."""
     if hpml_ops._backend.unavailable_reason("triton", DEVICE, "mlp"):
         pytest.skip("triton unavailable here")
     from hpml_ops.kernels import mlp as kernels_mlp
@@ -233,14 +316,15 @@ def test_triton_fused_forward_limits(monkeypatch):
     fused, fused_bwd = kernels_mlp._mlp_fused, kernels_mlp._mlp_backward_fused
     monkeypatch.setattr(kernels_mlp, "_mlp_fused", lambda *a: calls.append(1) or fused(*a))
     monkeypatch.setattr(
-        kernels_mlp, "_mlp_backward_fused", lambda *a: calls.append(2) or fused_bwd(*a)
+        kernels_mlp, "_mlp_backward_fused", lambda *a, **k: calls.append(2) or fused_bwd(*a, **k)
     )
     x = torch.randn(9, 5, device=DEVICE, requires_grad=True)
     cases = [
         ([torch.randn(129, 5), torch.randn(2, 129)], {}),
         ([torch.randn(5, 5) for _ in range(9)], {}),
-        ([torch.randn(6, 5), torch.randn(2, 6)], dict(batch_norm=True, training=True)),
-    ]
+        ([torch.randn(6, 5), torch.randn(130, 6), torch.randn(2, 130)],
+         dict(batch_norm=True, training=True)),
+    ]  # fmt: skip
     with hpml_ops.use_backend("triton"):
         for ws, extra in cases:
             ws = [w.to(DEVICE) for w in ws]

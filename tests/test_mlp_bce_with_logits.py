@@ -182,7 +182,7 @@ def test_cpu_fused_backward_matches_the_ops_apart(rows, loss, config):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("config", ["relu", "tanh-leaky-out", "deep-8"])
+@pytest.mark.parametrize("config", ["relu", "tanh-leaky-out", "deep-8", "leaky-bn", "deep-odd"])
 @pytest.mark.parametrize("loss", LOSSES[1:], ids=["none", "weights", "full-weight", "full-pw"])
 def test_triton_fused_backward_matches_the_kernels_apart(loss, config, monkeypatch):
     """The Triton backward of a net the fused kernel runs starts from the loss inside the net's

@@ -28,6 +28,10 @@ class OpScope {
   void add(const std::optional<at::Tensor>& t) {
     if (t.has_value()) add(*t);
   }
+  // Tensor[] arguments (the whole-MLP ops' weights, biases, saved tensors, ...).
+  void add(at::TensorList ts) {
+    for (const at::Tensor& t : ts) add(t);
+  }
   template <typename T>
   void add(const T&) {}
   // The range with the largest start <= a, or nullptr.
