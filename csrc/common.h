@@ -198,6 +198,15 @@ inline Bcast make_bcast(const char* op, const at::Tensor& t, at::IntArrayRef sha
 #define HPML_STR2(x) #x
 #define HPML_STR(x) HPML_STR2(x)
 #define HPML_OP(name) HPML_STR(HPML_LIBRARY) "::" name
+// An inline namespace of its own per built library (lib_hpml, lib_hpml_emu), for the inline and
+// shared functions whose behaviour depends on the library (csrc/mlp.h's dispatcher handles, the
+// fused CUDA MLP's entry points): both libraries are loaded into one process, and a function of
+// the same mangled name in both is one function there (the dynamic linker binds every call to
+// the first definition loaded), so without it the emulated library's per-layer MLP path called
+// the real library's ops once the real one had run first.
+#define HPML_NS_CAT2(a, b) a##b
+#define HPML_NS_CAT(a, b) HPML_NS_CAT2(a, b)
+#define HPML_LIB_NAMESPACE HPML_NS_CAT(lib_, HPML_LIBRARY)
 #ifdef HPML_EMU
 #define HPML_IMPL_ONE(op, suffix) m.impl(#op, &::hpml_emu::EmuOp<&op##suffix>::call);
 #define HPML_REGISTER_KERNELS(family, key, suffix) \

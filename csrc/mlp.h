@@ -23,6 +23,7 @@
 #include "common.h"
 
 namespace hpml {
+inline namespace HPML_LIB_NAMESPACE {  // csrc/common.h
 
 using OptTensor = std::optional<at::Tensor>;
 // The lists of biases and batch-norm tensors: an absent entry is an empty (0, 0) tensor (an
@@ -345,4 +346,5 @@ mlp_backward_layers(const at::Tensor& grad, const at::Tensor& input, const at::T
   return {input_grad ? g : none(), gw, gb, gbw, gbb};
 }
 
+}  // namespace HPML_LIB_NAMESPACE
 }  // namespace hpml

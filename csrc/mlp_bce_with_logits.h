@@ -18,6 +18,7 @@
 #include "mlp.h"
 
 namespace hpml {
+inline namespace HPML_LIB_NAMESPACE {  // csrc/common.h
 
 // The loss's operands against logits of shape (M, N) in the input's dtype and device.
 inline void check_mlp_bce_loss(const at::Tensor& input, int64_t M, int64_t N,
@@ -188,4 +189,5 @@ inline MlpBceGrads mlp_bce_with_logits_backward_layers(
   return {gx, g_target, gw, gb, gbw, gbb};
 }
 
+}  // namespace HPML_LIB_NAMESPACE
 }  // namespace hpml

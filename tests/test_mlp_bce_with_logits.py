@@ -208,6 +208,28 @@ def test_triton_fused_backward_matches_the_kernels_apart(loss, config, monkeypat
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("config", ["relu", "deep-8"])
+@pytest.mark.parametrize("loss", LOSSES, ids=["sum", "none", "weights", "full-weight", "full-pw"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_cuda_fused_backward_starts_from_the_loss(dtype, loss, config, monkeypatch):
+    """On CUDA (run by the emulator) the backward of an fp16/bf16 net the fused kernels run starts
+    from the loss inside the fused backward kernel (csrc/cuda/mlp.cu): the loss's backward op is
+    not called, and the loss, logits and every gradient (input, target, weights, biases) are
+    torch's in float64 within twice torch's own error in the dtype, for every reduction and
+    weight / pos_weight broadcast; under HPML_MLP_KERNEL=layers the loss's op runs apart."""
+    if "cuda-emu" not in OP.ops:
+        pytest.skip("the CUDA emulator is unavailable here")
+
+    def loss_backward_calls():
+        with torch.profiler.profile() as prof:
+            _check(config, dtype, "cuda-emu", seed=9, rows=70, **loss)
+        return [e.name for e in prof.events()].count("hpml_emu::bce_with_logits_backward")
+
+    assert loss_backward_calls() == 0
+    monkeypatch.setenv("HPML_MLP_KERNEL", "layers")
+    assert loss_backward_calls() == 1
+
+
 def test_cpu_backward_is_one_op_without_the_loss_backward():
     """On CPU (fp32, the whole-network kernel) the backward is one op call, and the loss's
     backward op (which would write the logits' gradient) is not called."""

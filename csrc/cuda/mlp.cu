@@ -17,6 +17,7 @@
 // (csrc/mlp.h); the saved tensors are the same either way.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/Reduction.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -31,6 +32,7 @@
 #include "common.cuh"
 #include "hpml_math.h"
 #include "mlp.h"
+#include "mlp_fused.cuh"
 
 namespace hpml {
 namespace {
@@ -210,21 +212,61 @@ __device__ __forceinline__ float act_grad(Act a, float g, const uint8_t* mask, c
   return g;
 }
 
+// The loss the backward starts from (target null: none): operands of the logits' shape,
+// contiguous; g is then the loss's gradient, per element (elemwise) or one value (divided by
+// mean_div when that is not 0).
+template <typename T>
+struct Loss {
+  const T* logits;
+  const T* target;
+  const T* weight;  // or null
+  const T* pos_weight;  // or null
+  T* target_grad;  // or null
+  int64_t mean_div;
+  bool elemwise;
+};
+
+// dY of the net's output from the loss at (m, c), and the target's gradient there when asked
+// for: the arithmetic of bce_with_logits' backward kernel (csrc/cuda/bce_with_logits.cu).
+template <typename T>
+__device__ __forceinline__ T loss_grad(const Loss<T>& loss, const T* g, float gscale, int64_t i) {
+  float gv = loss.elemwise ? static_cast<float>(g[i]) : gscale;
+  if (loss.weight != nullptr) gv = static_cast<float>(loss.weight[i]) * gv;
+  const float x = static_cast<float>(loss.logits[i]), y = static_cast<float>(loss.target[i]);
+  float dx, dy;
+  if (loss.pos_weight != nullptr) {
+    const float pw = static_cast<float>(loss.pos_weight[i]);
+    dx = math::bce_logits_dinput<true>(x, y, pw);
+    dy = math::bce_logits_dtarget<true>(x, pw);
+  } else {
+    dx = math::bce_logits_dinput<false>(x, y, 1.0f);
+    dy = math::bce_logits_dtarget<false>(x, 1.0f);
+  }
+  if (loss.target_grad != nullptr) loss.target_grad[i] = static_cast<T>(dy * gv);
+  return static_cast<T>(dx * gv);
+}
+
 // The backward of a block of kRows rows down through every layer: dZ of the last layer from the
-// output's gradient, then dY_i = dZ_{i+1} W_{i+1} on the tensor cores (dZ_{i+1} held in shared
-// memory; dY and dZ rounded to the dtype as the per-layer path rounds them) and
-// dZ_i = dY_i * act'; every
-// dZ written (each layer's dW and db are products over all rows, left to linear_act's kernels:
-// deterministic), and dX = dZ_0 W_0 when gx is given.
+// output's gradient (or from the loss, with the target's gradient in the same pass), then
+// dY_i = dZ_{i+1} W_{i+1} on the tensor cores (dZ_{i+1} held in shared memory; dY and dZ rounded
+// to the dtype as the per-layer path rounds them) and dZ_i = dY_i * act'; every dZ written (each
+// layer's dW and db are products over all rows, left to linear_act's kernels: deterministic),
+// and dX = dZ_0 W_0 when gx is given.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    mlp_fused_bwd_kernel(const T* g, BackLayers<T> p, T* gx, int64_t M, Act hidden_act,
-                         Act out_act, float slope) {
+    mlp_fused_bwd_kernel(const T* g, BackLayers<T> p, Loss<T> loss, T* gx, int64_t M,
+                         Act hidden_act, Act out_act, float slope) {
   __shared__ __align__(128) T gs[kRows * kLdH];  // dZ of the layer above
   __shared__ __align__(128) T ws[kChunk * kLdW];
   __shared__ __align__(128) float cs[kRows * kLdC];
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const int L = p.n;
+  float gscale = 1.0f;
+  if (loss.target != nullptr && !loss.elemwise) {
+    // The grad of a reduced loss is read on the device: no host synchronisation.
+    gscale = static_cast<float>(g[0]);
+    if (loss.mean_div > 0) gscale /= static_cast<float>(loss.mean_div);
+  }
   for (int i = L - 1; i >= -1; --i) {
     const int N = p.d[i + 1], n_pad = round16(N);
     if (i < L - 1) {
@@ -238,7 +280,9 @@ __global__ void __launch_bounds__(kThreads)
       T o = T(0);
       if (c < N && m < M) {
         // dY rounded to the dtype, as the per-layer path (and torch) materialise it
-        const T dy_t = i == L - 1 ? g[m * N + c] : static_cast<T>(cs[r * kLdC + c]);
+        const T dy_t = i < L - 1             ? static_cast<T>(cs[r * kLdC + c])
+                       : loss.target != nullptr ? loss_grad(loss, g, gscale, m * N + c)
+                                                : g[m * N + c];
         const float dy = static_cast<float>(dy_t);
         o = static_cast<T>(i < 0 ? dy : act_grad(a, dy, p.mask[i], p.y[i], m, c, N, slope));
         (i < 0 ? gx : p.dz[i])[m * N + c] = o;
@@ -254,20 +298,6 @@ bool layers_forced() {
   return v != nullptr && std::strcmp(v, "layers") == 0;
 }
 
-// Whether mlp_fused_fwd_kernel runs this net (the file's comment).
-bool fusable(const at::Tensor& input, at::TensorList weights, const c10::List<bool>& batch_norm) {
-  const auto dt = input.scalar_type();
-  if (layers_forced() || (dt != at::kHalf && dt != at::kBFloat16)) return false;
-  if (weights.empty() || weights.size() > kMaxLayers || input.dim() != 2) return false;
-  if (input.size(0) == 0 || input.size(0) > (int64_t(1) << 36)) return false;
-  if (input.size(1) > kMaxWidth) return false;
-  for (size_t i = 0; i < weights.size(); ++i) {
-    if (weights[i].size(0) > kMaxWidth) return false;
-    if (i + 1 < weights.size() && batch_norm.get(i)) return false;
-  }
-  return true;
-}
-
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cuda(
     const at::Tensor& input, at::TensorList weights, OptTensorList biases,
     const c10::List<bool>& batch_norm, OptTensorList bn_weights, OptTensorList bn_biases,
@@ -275,7 +305,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cuda(
     int64_t activation, double negative_slope, int64_t output_activation) {
   check_mlp(input, weights, biases, batch_norm, bn_weights, bn_biases, running_means,
             running_vars, training, eps, activation, output_activation);
-  if (!fusable(input, weights, batch_norm)) {
+  if (!mlp_cuda_fusable(input, weights, batch_norm)) {
     return mlp_layers(input, weights, biases, batch_norm, bn_weights, bn_biases, running_means,
                       running_vars, training, eps, activation, negative_slope, output_activation);
   }
@@ -297,7 +327,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cuda(
   }
   for (int64_t i = 0; i + 1 < L; ++i) {
     saved.insert(saved.end(), {outs[i], masks[i]});
-    for (int j = 0; j < kMlpSavedPerLayer - 2; ++j) saved.push_back(at::empty({0}, input.options()));
+    for (int j = 0; j < kMlpSavedPerLayer - 2; ++j)
+      saved.push_back(at::empty({0}, input.options()));
   }
   saved.push_back(masks[L - 1]);
   const auto run = [&](auto tag) {
@@ -325,9 +356,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cuda(
   return {outs[L - 1], saved};
 }
 
-// The backward of a net the fused forward ran: every layer's dZ and dX in one kernel, then each
-// layer's dW and db from its dZ by linear_act's backward (deterministic); other nets: the
-// per-layer path (the saved tensors are the same either way).
+// The backward of a net the fused forward ran (or the per-layer path: the saved tensors are the
+// same), csrc/mlp.h's layer-by-layer path for other nets.
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
            std::vector<at::Tensor>>
 mlp_backward_cuda(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& output,
@@ -340,12 +370,50 @@ mlp_backward_cuda(const at::Tensor& grad, const at::Tensor& input, const at::Ten
   check_mlp_backward(grad, input, output, weights, biases, batch_norm, bn_weights, saved,
                      training, activation, output_activation, weight_grads, bias_grads,
                      bn_weight_grads, bn_bias_grads);
-  if (!fusable(input, weights, batch_norm)) {
+  if (!mlp_cuda_fusable(input, weights, batch_norm)) {
     return mlp_backward_layers(grad, input, output, weights, biases, batch_norm, bn_weights,
                                saved, training, activation, negative_slope, output_activation,
                                input_grad, weight_grads, bias_grads, bn_weight_grads,
                                bn_bias_grads);
   }
+  auto [gx, gw, gb] =
+      mlp_cuda_fused_backward(grad, input, output, weights, biases, saved, activation,
+                              negative_slope, output_activation, input_grad, weight_grads,
+                              bias_grads, nullptr);
+  std::vector<at::Tensor> gbw, gbb;
+  for (size_t i = 0; i + 1 < weights.size(); ++i) {
+    gbw.push_back(at::empty({0}, input.options()));
+    gbb.push_back(at::empty({0}, input.options()));
+  }
+  return {gx, gw, gb, gbw, gbb};
+}
+
+}  // namespace
+
+HPML_REGISTER_KERNELS(mlp, CUDA, _cuda)
+
+inline namespace HPML_LIB_NAMESPACE {  // csrc/common.h
+
+bool mlp_cuda_fusable(const at::Tensor& input, at::TensorList weights,
+                      const c10::List<bool>& batch_norm) {
+  const auto dt = input.scalar_type();
+  if (layers_forced() || (dt != at::kHalf && dt != at::kBFloat16)) return false;
+  if (weights.empty() || weights.size() > kMaxLayers || input.dim() != 2) return false;
+  if (input.size(0) == 0 || input.size(0) > (int64_t(1) << 36)) return false;
+  if (input.size(1) > kMaxWidth) return false;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    if (weights[i].size(0) > kMaxWidth) return false;
+    if (i + 1 < weights.size() && batch_norm.get(i)) return false;
+  }
+  return true;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_cuda_fused_backward(
+    const at::Tensor& grad, const at::Tensor& input, const at::Tensor& output,
+    at::TensorList weights, OptTensorList biases, at::TensorList saved, int64_t activation,
+    double negative_slope, int64_t output_activation, bool input_grad,
+    const c10::List<bool>& weight_grads, const c10::List<bool>& bias_grads,
+    const MlpCudaLoss* loss) {
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t M = input.size(0), L = static_cast<int64_t>(weights.size());
   const Act act = static_cast<Act>(activation), out_act = static_cast<Act>(output_activation);
@@ -373,9 +441,20 @@ mlp_backward_cuda(const at::Tensor& grad, const at::Tensor& input, const at::Ten
       p.dz[i] = dzs[i].mutable_data_ptr<scalar_t>();
       p.d[i + 1] = static_cast<int>(weights[i].size(0));
     }
+    Loss<scalar_t> l{};
+    if (loss != nullptr) {
+      const auto ptr = [](const at::Tensor& t) {
+        return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+      };
+      l = {y.const_data_ptr<scalar_t>(), ptr(loss->target), ptr(loss->weight),
+           ptr(loss->pos_weight),
+           loss->target_grad.defined() ? loss->target_grad.mutable_data_ptr<scalar_t>() : nullptr,
+           loss->reduction == at::Reduction::Mean ? y.numel() : 0,
+           loss->reduction == at::Reduction::None};
+    }
     gpu::launch<mlp_fused_bwd_kernel<scalar_t>>(
         dim3(static_cast<unsigned>((M + kRows - 1) / kRows)), dim3(kThreads), 0,
-        at::cuda::getCurrentCUDAStream(), g.const_data_ptr<scalar_t>(), p,
+        at::cuda::getCurrentCUDAStream(), g.const_data_ptr<scalar_t>(), p, l,
         input_grad ? gx.mutable_data_ptr<scalar_t>() : nullptr, M, act, out_act,
         static_cast<float>(negative_slope));
   };
@@ -384,7 +463,7 @@ mlp_backward_cuda(const at::Tensor& grad, const at::Tensor& input, const at::Ten
   } else {
     run(at::BFloat16{});
   }
-  std::vector<at::Tensor> gw, gb, gbw, gbb;
+  std::vector<at::Tensor> gw, gb;
   for (int64_t i = 0; i < L; ++i) {
     const bool wg = weight_grads.get(i), bg = bias_grads.get(i) && !mlp_absent(biases[i]);
     at::Tensor dw = none(), db = none();
@@ -396,16 +475,9 @@ mlp_backward_cuda(const at::Tensor& grad, const at::Tensor& input, const at::Ten
     }
     gw.push_back(dw);
     gb.push_back(db);
-    if (i + 1 < L) {
-      gbw.push_back(none());
-      gbb.push_back(none());
-    }
   }
-  return {gx, gw, gb, gbw, gbb};
+  return {gx, gw, gb};
 }
 
-}  // namespace
-
-HPML_REGISTER_KERNELS(mlp, CUDA, _cuda)
-
+}  // namespace HPML_LIB_NAMESPACE
 }  // namespace hpml
