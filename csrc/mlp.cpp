@@ -732,14 +732,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cpu(
                                 out_act);
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-           std::vector<at::Tensor>>
-mlp_backward_cpu(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& output,
-                 at::TensorList weights, OptTensorList biases, const c10::List<bool>& batch_norm,
-                 OptTensorList bn_weights, at::TensorList saved, bool training, int64_t activation,
-                 double negative_slope, int64_t output_activation, bool input_grad,
-                 const c10::List<bool>& weight_grads, const c10::List<bool>& bias_grads,
-                 const c10::List<bool>& bn_weight_grads, const c10::List<bool>& bn_bias_grads) {
+MlpGrads mlp_backward_cpu(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& output,
+                          at::TensorList weights, OptTensorList biases,
+                          const c10::List<bool>& batch_norm, OptTensorList bn_weights,
+                          at::TensorList saved, bool training, int64_t activation,
+                          double negative_slope, int64_t output_activation, bool input_grad,
+                          const c10::List<bool>& weight_grads, const c10::List<bool>& bias_grads,
+                          const c10::List<bool>& bn_weight_grads,
+                          const c10::List<bool>& bn_bias_grads) {
   if (!native(input, weights))
     return mlp_backward_layers(grad, input, output, weights, biases, batch_norm, bn_weights, saved,
                                training, activation, negative_slope, output_activation,

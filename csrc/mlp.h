@@ -33,6 +33,11 @@ using OptTensorList = at::TensorList;
 // Per hidden layer, the forward returns 6 saved tensors (schema.py), then 1 for the output layer.
 constexpr int64_t kMlpSavedPerLayer = 6;
 
+// hpml::mlp_backward's result: the input's gradient, then the lists of the weights', biases',
+// batch-norm weights' and batch-norm biases' gradients (empty tensors where not asked for).
+using MlpGrads = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                            std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
 inline bool mlp_absent(const at::Tensor& t) {
   return !t.defined() || (t.dim() == 2 && t.size(0) == 0 && t.size(1) == 0);
 }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common.h"
+#include "mlp.h"  // MlpGrads
 
 namespace hpml {
 inline namespace CPU_CAPABILITY {
@@ -25,9 +26,6 @@ struct MlpLoss {
   bool target_grad = false;
   at::Tensor grad_target;  // out: (M, N) when target_grad, else left undefined
 };
-
-using MlpGrads = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                            std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
 // Whether the whole-network kernel takes this net (else the layer-by-layer path).
 bool mlp_cpu_native(const at::Tensor& input, at::TensorList weights);

@@ -404,8 +404,9 @@ def _mlp_backward_fused(
     grad, input, output, weights, saved, activation, negative_slope, output_activation,
     input_grad, weight_grads, bias_grads, biases, loss: FusedLoss | None = None,
 ):  # fmt: skip
-    """The backward of a net the fused forward ran: dZ of every layer and dX in one kernel, then
-    each layer's dW and db from its dZ (linear_act's weight-gradient kernel, deterministic).
+    """The backward of a run of layers without batch norm that the fused forward ran: dZ of every
+    layer and dX in one kernel, then each layer's dW and db from its dZ (linear_act's
+    weight-gradient kernel, deterministic): (dX, [dW], [db]).
     With ``loss``, ``grad`` is the loss's gradient and ``output`` the logits: the kernel computes
     the last layer's dZ from the loss (and the target's gradient, if ``loss.target_grad``)."""
     M, n_layers = input.shape[0], len(weights)
@@ -444,9 +445,7 @@ def _mlp_backward_fused(
                 zs[i], a, ws[i], input.new_empty((0,)), input.new_empty((0,), dtype=torch.uint8),
                 _NONE, 0.0, False, wg, bg,
             )  # fmt: skip
-    gbw = [input.new_empty((0,)) for _ in range(n_layers - 1)]
-    gbb = [input.new_empty((0,)) for _ in range(n_layers - 1)]
-    return gx, gw, gb, gbw, gbb
+    return gx, gw, gb
 
 
 def _segments(batch_norm, n_layers) -> list[tuple[int, int]]:
@@ -575,7 +574,7 @@ def backward_fused_net(
         seg_in = input if first == 0 else saved[SAVED_PER_LAYER * (first - 1)]
         seg_out = output if top else saved[SAVED_PER_LAYER * last + 2]  # the output, or z
         tail = saved[-1] if top else input.new_empty((0,), dtype=torch.uint8)
-        gx, gw[first : last + 1], gb[first : last + 1], _, _ = _mlp_backward_fused(
+        gx, gw[first : last + 1], gb[first : last + 1] = _mlp_backward_fused(
             g, seg_in, seg_out, weights[first : last + 1],
             [*saved[SAVED_PER_LAYER * first : SAVED_PER_LAYER * last], tail], activation,
             negative_slope, output_activation if top else _NONE, below[first],

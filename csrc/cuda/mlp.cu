@@ -358,15 +358,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cuda(
 
 // The backward of a net the fused forward ran (or the per-layer path: the saved tensors are the
 // same), csrc/mlp.h's layer-by-layer path for other nets.
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-           std::vector<at::Tensor>>
-mlp_backward_cuda(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& output,
-                  at::TensorList weights, OptTensorList biases, const c10::List<bool>& batch_norm,
-                  OptTensorList bn_weights, at::TensorList saved, bool training,
-                  int64_t activation, double negative_slope, int64_t output_activation,
-                  bool input_grad, const c10::List<bool>& weight_grads,
-                  const c10::List<bool>& bias_grads, const c10::List<bool>& bn_weight_grads,
-                  const c10::List<bool>& bn_bias_grads) {
+MlpGrads mlp_backward_cuda(const at::Tensor& grad, const at::Tensor& input,
+                           const at::Tensor& output, at::TensorList weights, OptTensorList biases,
+                           const c10::List<bool>& batch_norm, OptTensorList bn_weights,
+                           at::TensorList saved, bool training, int64_t activation,
+                           double negative_slope, int64_t output_activation, bool input_grad,
+                           const c10::List<bool>& weight_grads, const c10::List<bool>& bias_grads,
+                           const c10::List<bool>& bn_weight_grads,
+                           const c10::List<bool>& bn_bias_grads) {
   check_mlp_backward(grad, input, output, weights, biases, batch_norm, bn_weights, saved,
                      training, activation, output_activation, weight_grads, bias_grads,
                      bn_weight_grads, bn_bias_grads);
@@ -376,16 +375,9 @@ mlp_backward_cuda(const at::Tensor& grad, const at::Tensor& input, const at::Ten
                                input_grad, weight_grads, bias_grads, bn_weight_grads,
                                bn_bias_grads);
   }
-  auto [gx, gw, gb] =
-      mlp_cuda_fused_backward(grad, input, output, weights, biases, saved, activation,
-                              negative_slope, output_activation, input_grad, weight_grads,
-                              bias_grads, nullptr);
-  std::vector<at::Tensor> gbw, gbb;
-  for (size_t i = 0; i + 1 < weights.size(); ++i) {
-    gbw.push_back(at::empty({0}, input.options()));
-    gbb.push_back(at::empty({0}, input.options()));
-  }
-  return {gx, gw, gb, gbw, gbb};
+  return mlp_cuda_fused_backward(grad, input, output, weights, biases, saved, activation,
+                                 negative_slope, output_activation, input_grad, weight_grads,
+                                 bias_grads, nullptr);
 }
 
 }  // namespace
@@ -408,7 +400,7 @@ bool mlp_cuda_fusable(const at::Tensor& input, at::TensorList weights,
   return true;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_cuda_fused_backward(
+MlpGrads mlp_cuda_fused_backward(
     const at::Tensor& grad, const at::Tensor& input, const at::Tensor& output,
     at::TensorList weights, OptTensorList biases, at::TensorList saved, int64_t activation,
     double negative_slope, int64_t output_activation, bool input_grad,
@@ -476,7 +468,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_cud
     gw.push_back(dw);
     gb.push_back(db);
   }
-  return {gx, gw, gb};
+  // No batch norm in a net this kernel takes: its batch-norm gradient lists hold an empty tensor
+  // per hidden layer.
+  std::vector<at::Tensor> gbw, gbb;
+  for (int64_t i = 0; i + 1 < L; ++i) {
+    gbw.push_back(none());
+    gbb.push_back(none());
+  }
+  return {gx, gw, gb, gbw, gbb};
 }
 
 }  // namespace HPML_LIB_NAMESPACE

@@ -51,14 +51,10 @@ MlpBceGrads mlp_bce_with_logits_backward_cuda(
   const at::Tensor y = target.contiguous();
   const MlpCudaLoss loss{y, full(weight), full(pos_weight),
                          target_grad ? at::empty_like(y) : at::Tensor(), reduction};
-  auto [gx, gw, gb] = mlp_cuda_fused_backward(grad, input, logits, weights, biases, saved,
-                                              activation, negative_slope, 0, input_grad,
-                                              weight_grads, bias_grads, &loss);
-  std::vector<at::Tensor> gbw, gbb;
-  for (size_t i = 0; i + 1 < weights.size(); ++i) {
-    gbw.push_back(at::empty({0}, input.options()));
-    gbb.push_back(at::empty({0}, input.options()));
-  }
+  auto [gx, gw, gb, gbw, gbb] = mlp_cuda_fused_backward(grad, input, logits, weights, biases,
+                                                        saved, activation, negative_slope, 0,
+                                                        input_grad, weight_grads, bias_grads,
+                                                        &loss);
   const at::Tensor gt = target_grad ? loss.target_grad : at::empty({0}, input.options());
   return {gx, gt, gw, gb, gbw, gbb};
 }

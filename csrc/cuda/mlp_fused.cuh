@@ -27,8 +27,9 @@ struct MlpCudaLoss {
 
 // The backward of a net mlp_cuda_fusable accepts (arguments checked by the caller): every dZ and
 // dX in one kernel from the output's gradient, or from the loss's when `loss` is given (then grad
-// is the loss's gradient and output the logits), then each layer's dW and db.
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_cuda_fused_backward(
+// is the loss's gradient and output the logits), then each layer's dW and db; the batch-norm
+// gradient lists hold an empty tensor per hidden layer.
+MlpGrads mlp_cuda_fused_backward(
     const at::Tensor& grad, const at::Tensor& input, const at::Tensor& output,
     at::TensorList weights, OptTensorList biases, at::TensorList saved, int64_t activation,
     double negative_slope, int64_t output_activation, bool input_grad,
