@@ -79,6 +79,10 @@ opmath_t<scalar_t> forward_chunk(const scalar_t* x, const scalar_t* y, const sca
   Vec acc0(acc_t(0)), acc1(acc_t(0));
   int64_t i = 0;
   for (; i + 2 * V <= n; i += 2 * V) {
+    prefetch_ahead(x + i, 2 * V);
+    prefetch_ahead(y + i, 2 * V);
+    if constexpr (HAS_W) prefetch_ahead(w + i, 2 * V);
+    if constexpr (HAS_PW) prefetch_ahead(pw + i, 2 * V);
     const Vec l0 = loss(i, V), l1 = loss(i + V, V);
     if (out != nullptr) {
       store(out + i, l0, V);
@@ -129,6 +133,9 @@ void backward_chunk(const scalar_t* g, opmath_t<scalar_t> scale, const scalar_t*
   };
   int64_t i = 0;
   for (; i + 2 * V <= n; i += 2 * V) {
+    prefetch_ahead(x + i, 2 * V);
+    prefetch_ahead(y + i, 2 * V);
+    if constexpr (GRAD_ELEMWISE) prefetch_ahead(g + i, 2 * V);
     step(i, V);
     step(i + V, V);
   }

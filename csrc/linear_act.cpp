@@ -15,11 +15,13 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "cpu_alloc.h"
+#include "cpu_blas.h"
 #include "cpu_dispatch.h"
 #include "cpu_vec.h"
 #include "cpu_epilogue.h"
@@ -177,7 +179,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
   // dZ^T X stays on at::mm: oneDNN's inner product would need both operands transposed in
   // memory, and those copies cost more than it saves (110 ms against 87 ms here).
   at::Tensor dw = empty_cpu_output(weight_grad ? weight.sizes() : at::IntArrayRef{0}, dt);
-  if (weight_grad) at::mm_out(dw, dz.t(), input);
+  if (weight_grad) {
+    // fp32/fp64: cpu_blas.h's blocked product, the same bits on any thread count (at::mm lets
+    // MKL split the sum over the batch rows between its threads). fp16/bf16 stay on at::mm
+    // (oneDNN's reduced-precision kernels).
+    const int64_t K = input.size(1);
+    const bool fits = std::max({M, N, K}) <= std::numeric_limits<int>::max();  // BLAS's int
+    if (fits &&
+        ((dt == at::kFloat && have_blas<float>()) || (dt == at::kDouble && have_blas<double>()))) {
+      if (M * N * K == 0) {
+        dw.zero_();
+      } else {
+        const at::Tensor x = input.contiguous(), dzc = dz.contiguous();
+        AT_DISPATCH_FLOATING_TYPES(dt, "hpml::linear_act_backward dW (CPU)", [&] {
+          ::hpml::weight_grad<scalar_t>(dzc.const_data_ptr<scalar_t>(),
+                                        x.const_data_ptr<scalar_t>(), M, N, K,
+                                        dw.mutable_data_ptr<scalar_t>());
+        });
+      }
+    } else {
+      at::mm_out(dw, dz.t(), input);
+    }
+  }
   return {dx, dw, db};
 }
 

@@ -26,6 +26,7 @@
 
 #include "batch_norm.h"
 #include "cpu_alloc.h"
+#include "cpu_blas.h"
 #include "cpu_dispatch.h"
 #include "cpu_channel.h"
 #include "cpu_epilogue.h"
@@ -34,33 +35,12 @@
 #include "mlp.h"
 #include "mlp_cpu.h"
 
-// The Fortran BLAS of the torch build (MKL's LP64 interface, or OpenBLAS's), and MKL's per-thread
-// thread count; weak, so that a build without them loads and takes the layer-by-layer path.
-extern "C" {
-void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc) __attribute__((weak));
-void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-            const double* beta, double* c, const int* ldc) __attribute__((weak));
-int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));  // mkl_service.h's C entry
-}
-
 namespace hpml {
 namespace {
 
 // Elements of the widest activation in one block of rows (64 KiB of fp32): the block's input and
 // output of a layer, and the layer's weight when narrow, stay in L2 through the whole net.
 constexpr int64_t kBlockElems = 16384;
-// Multiply-adds below which a parallel region costs more than it saves (a few us to start, far
-// more on two shared cores when the other thread is descheduled).
-constexpr int64_t kParallelMacs = int64_t(1) << 18;
-// A weight gradient is computed by slices of this many of its rows...
-constexpr int64_t kDwSlice = 64;
-// ... over chunks of at least this many batch rows, each into its own partial when there are
-// several (added in chunk order), with at most kDwPartialElems partial elements in all.
-constexpr int64_t kDwRows = 16384;
-constexpr int64_t kDwPartialElems = int64_t(1) << 24;
 // From this many multiply-adds the per-layer op's oneDNN product beats a blocked sgemm.
 constexpr int64_t kLayersMacs = int64_t(1) << 30;
 
@@ -70,46 +50,6 @@ bool layers_forced() {
     return v != nullptr && std::strcmp(v, "layers") == 0;
   }();
   return forced;
-}
-
-// MKL runs sequentially on this thread while in scope: the kernel's own blocks are the parallel
-// work, and a BLAS call that split its sums over threads would change their order with the
-// thread count.
-struct SequentialBlas {
-  int prev = -1;
-  SequentialBlas() {
-    if (MKL_Set_Num_Threads_Local != nullptr) prev = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SequentialBlas() {
-    if (prev >= 0) MKL_Set_Num_Threads_Local(prev);
-  }
-  SequentialBlas(const SequentialBlas&) = delete;
-  SequentialBlas& operator=(const SequentialBlas&) = delete;
-};
-
-template <typename T>
-bool have_blas() {
-  if constexpr (std::is_same_v<T, float>) {
-    return sgemm_ != nullptr;
-  } else {
-    return dgemm_ != nullptr;
-  }
-}
-
-// Row-major C (m x n, ldc) = op(A) op(B) (+ C when accumulate), op(A) m x k, op(B) k x n; as the
-// column-major BLAS sees it, C^T = op(B)^T op(A)^T.
-template <typename T>
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
-          int64_t ldb, bool accumulate, T* c, int64_t ldc) {
-  const char fa = tb ? 'T' : 'N', fb = ta ? 'T' : 'N';
-  const int fm = static_cast<int>(n), fn = static_cast<int>(m), fk = static_cast<int>(k);
-  const int flda = static_cast<int>(ldb), fldb = static_cast<int>(lda), fldc = static_cast<int>(ldc);
-  const T one(1), beta(accumulate ? 1 : 0);
-  if constexpr (std::is_same_v<T, float>) {
-    sgemm_(&fa, &fb, &fm, &fn, &fk, &one, b, &flda, a, &fldb, &beta, c, &fldc);
-  } else {
-    dgemm_(&fa, &fb, &fm, &fn, &fk, &one, b, &flda, a, &fldb, &beta, c, &fldc);
-  }
 }
 
 // A per-channel entry of the op's lists as n values of T (fill where absent).
@@ -134,16 +74,6 @@ at::Tensor from_doubles(const std::vector<double>& v, c10::ScalarType dt) {
 int64_t block_rows(const std::vector<int64_t>& widths) {
   const int64_t w = *std::max_element(widths.begin(), widths.end());
   return std::clamp<int64_t>(kBlockElems / std::max<int64_t>(w, 1) / 16 * 16, 16, 1024);
-}
-
-// Runs f(block) for blocks [0, nblocks), in parallel when a block's work (macs) makes it pay.
-template <typename F>
-void for_blocks(int64_t nblocks, int64_t macs_per_block, const F& f) {
-  const int64_t grain = std::max<int64_t>(1, kParallelMacs / std::max<int64_t>(macs_per_block, 1));
-  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
-    const SequentialBlas seq;
-    for (int64_t b = b0; b < b1; ++b) f(b);
-  });
 }
 
 // Adds the per-block partial vectors parts[b * n + j] in block order, in double.
@@ -392,33 +322,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> forward_native(
 }
 
 // ---- the backward -------------------------------------------------------------------------
-
-// dW (N x K) = dz^T in over M rows, by slices of kDwSlice rows of dW and chunks of rows, each a
-// fixed product whatever the thread count; several chunks go to partials added in chunk order.
-template <typename T>
-void weight_grad(const T* dz, const T* in, int64_t M, int64_t N, int64_t K, T* dw) {
-  const int64_t slices = (N + kDwSlice - 1) / kDwSlice;
-  int64_t rows = kDwRows;
-  while ((M + rows - 1) / rows > 1 && (M + rows - 1) / rows * N * K > kDwPartialElems) rows *= 2;
-  const int64_t chunks = (M + rows - 1) / rows;
-  std::vector<T> parts(chunks > 1 ? chunks * N * K : 0);
-  const int64_t macs = std::min(kDwSlice, N) * K * std::min(rows, M);
-  for_blocks(slices * chunks, macs, [&](int64_t t) {
-    const int64_t c = t / slices, n0 = (t % slices) * kDwSlice, ns = std::min(kDwSlice, N - n0);
-    const int64_t m0 = c * rows, mr = std::min(M, m0 + rows) - m0;
-    T* dst = chunks > 1 ? parts.data() + c * N * K : dw;
-    gemm<T>(true, false, ns, K, mr, dz + m0 * N + n0, N, in + m0 * K, K, false, dst + n0 * K, K);
-  });
-  if (chunks == 1) return;
-  const int64_t total = N * K;
-  at::parallel_for(0, total, 16384, [&](int64_t e0, int64_t e1) {
-    for (int64_t e = e0; e < e1; ++e) {
-      T s = parts[e];
-      for (int64_t c = 1; c < chunks; ++c) s += parts[c * total + e];
-      dw[e] = s;
-    }
-  });
-}
 
 // The last layer's dZ for rows [r0, r1) of an (M, N) output straight from the BCE-with-logits
 // loss that ends the net (MlpLoss; output activation none): dZ = d loss / d logits, the
