@@ -32,10 +32,19 @@ inline namespace CPU_CAPABILITY {
 // more on two shared cores when the other thread is descheduled).
 constexpr int64_t kParallelMacs = int64_t(1) << 18;
 
-// A weight gradient is computed by slices of this many of its rows...
-constexpr int64_t kDwSlice = 64;
-// ... over chunks of at least this many batch rows, each into its own partial when there are
-// several (added in chunk order), with at most kDwPartialElems partial elements in all.
+// A weight gradient is computed by tiles of at most kDwTileRows x kDwTileCols of its elements,
+// halved (rows first, then columns, to kDwMinTile) until there are kDwMinTiles, each tile one
+// sequential product over the batch rows: a 64 x 1024 tile re-read (and re-packed) all of X for
+// half the work of a 256 x 512 one, which reads half of X (4096 x 1024 x 1024 fp32, 2-core Xeon:
+// 38.2 ms against 26.1 ms, at::mm's threaded product 25.5 ms); narrow columns lose more than
+// narrow rows (1024 x 256 x 784: 1.61 ms halving columns first, 1.18 ms with 64 x 784). The tiles
+// depend on the shape alone.
+constexpr int64_t kDwTileRows = 256;
+constexpr int64_t kDwTileCols = 512;
+constexpr int64_t kDwMinTile = 64;
+constexpr int64_t kDwMinTiles = 4;
+// The batch rows are summed in chunks of at least this many, each into its own partial when there
+// are several (added in chunk order), with at most kDwPartialElems partial elements in all.
 constexpr int64_t kDwRows = 16384;
 constexpr int64_t kDwPartialElems = int64_t(1) << 24;
 
@@ -70,7 +79,8 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t
           int64_t ldb, bool accumulate, T* c, int64_t ldc) {
   const char fa = tb ? 'T' : 'N', fb = ta ? 'T' : 'N';
   const int fm = static_cast<int>(n), fn = static_cast<int>(m), fk = static_cast<int>(k);
-  const int flda = static_cast<int>(ldb), fldb = static_cast<int>(lda), fldc = static_cast<int>(ldc);
+  const int flda = static_cast<int>(ldb), fldb = static_cast<int>(lda);
+  const int fldc = static_cast<int>(ldc);
   const T one(1), beta(accumulate ? 1 : 0);
   if constexpr (std::is_same_v<T, float>) {
     sgemm_(&fa, &fb, &fm, &fn, &fk, &one, b, &flda, a, &fldb, &beta, c, &fldc);
@@ -89,21 +99,35 @@ void for_blocks(int64_t nblocks, int64_t macs_per_block, const F& f) {
   });
 }
 
-// dW (N x K) = dz^T in over M rows, by slices of kDwSlice rows of dW and chunks of rows, each a
-// fixed product whatever the thread count; several chunks go to partials added in chunk order.
+// dW (N x K) = dz^T in over M rows, by tiles of dW and chunks of rows, each a fixed product
+// whatever the thread count; several chunks go to partials added in chunk order.
 template <typename T>
 void weight_grad(const T* dz, const T* in, int64_t M, int64_t N, int64_t K, T* dw) {
-  const int64_t slices = (N + kDwSlice - 1) / kDwSlice;
+  int64_t tn = std::min(N, kDwTileRows), tk = std::min(K, kDwTileCols);
+  const auto tiles = [&] { return ((N + tn - 1) / tn) * ((K + tk - 1) / tk); };
+  // half of v, rounded up to a multiple of 16, at least kDwMinTile
+  const auto halve = [](int64_t v) { return std::max(kDwMinTile, ((v + 1) / 2 + 15) / 16 * 16); };
+  while (tiles() < kDwMinTiles) {
+    if (tn > kDwMinTile) {
+      tn = halve(tn);
+    } else if (tk > kDwMinTile) {
+      tk = halve(tk);
+    } else {
+      break;
+    }
+  }
+  const int64_t sk = (K + tk - 1) / tk, ntiles = tiles();
   int64_t rows = kDwRows;
   while ((M + rows - 1) / rows > 1 && (M + rows - 1) / rows * N * K > kDwPartialElems) rows *= 2;
   const int64_t chunks = (M + rows - 1) / rows;
   std::vector<T> parts(chunks > 1 ? chunks * N * K : 0);
-  const int64_t macs = std::min(kDwSlice, N) * K * std::min(rows, M);
-  for_blocks(slices * chunks, macs, [&](int64_t t) {
-    const int64_t c = t / slices, n0 = (t % slices) * kDwSlice, ns = std::min(kDwSlice, N - n0);
+  for_blocks(ntiles * chunks, tn * tk * std::min(rows, M), [&](int64_t t) {
+    const int64_t c = t / ntiles, n0 = (t % ntiles) / sk * tn, k0 = (t % ntiles) % sk * tk;
+    const int64_t ns = std::min(tn, N - n0), ks = std::min(tk, K - k0);
     const int64_t m0 = c * rows, mr = std::min(M, m0 + rows) - m0;
     T* dst = chunks > 1 ? parts.data() + c * N * K : dw;
-    gemm<T>(true, false, ns, K, mr, dz + m0 * N + n0, N, in + m0 * K, K, false, dst + n0 * K, K);
+    gemm<T>(true, false, ns, ks, mr, dz + m0 * N + n0, N, in + m0 * K + k0, K, false,
+            dst + n0 * K + k0, K);
   });
   if (chunks == 1) return;
   const int64_t total = N * K;

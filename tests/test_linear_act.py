@@ -134,6 +134,42 @@ def test_large_product_through_onednn():
         torch.testing.assert_close(leaves[2].grad.double(), g.double().sum(0), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_blocked_weight_gradient(dtype):
+    """The C++ CPU dW (csrc/cpu_blas.h's weight_grad): 20011 rows are two chunks of rows summed
+    into partials, 300 x 700 are 2 x 2 tiles of dW with partial edge tiles; against float64 (from
+    the same ReLU mask) within twice torch's error, bitwise the same on 1 and 2 threads."""
+    if DEVICE != "cpu" or "cpp" not in hpml_ops.available_backends("cpu"):
+        pytest.skip("the blocked product is the C++ CPU kernel's (cpp backend unavailable)")
+    x, w, b = _make((20011, 700), 300, dtype, seed=43)
+    g = torch.randn(20011, 300, generator=torch.Generator().manual_seed(7), dtype=dtype)
+
+    def run(threads):
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            leaf = w.detach().requires_grad_(True)
+            with hpml_ops.use_backend("cpp"):
+                y = hpml_ops.linear_act(x, leaf, b, "relu")
+            y.backward(g)
+            return leaf.grad, y.detach()
+        finally:
+            torch.set_num_threads(prev)
+
+    (one, _), (two, y) = run(1), run(2)
+    assert torch.equal(one, two)
+    # the ReLU mask of our own forward (an element within rounding of 0 would flip a whole row
+    # of dW by g x: the forward's parity is tested above)
+    ref = (g.double() * (y > 0)).t() @ x.double()
+    if dtype == torch.float64:
+        torch.testing.assert_close(two, ref)  # float64's default tolerance
+        return
+    # fp32: within twice the error of torch's own fp32 product of the same operands
+    theirs = ((g * (y > 0)).t() @ x).double()
+    err, torch_err = (two.double() - ref).abs().max(), (theirs - ref).abs().max()
+    assert err <= 2 * torch_err, (err, torch_err)
+
+
 @pytest.mark.parametrize(
     "activation,slope",
     [
