@@ -32,17 +32,18 @@ inline namespace CPU_CAPABILITY {
 // more on two shared cores when the other thread is descheduled).
 constexpr int64_t kParallelMacs = int64_t(1) << 18;
 
-// A weight gradient is computed by tiles of at most kDwTileRows x kDwTileCols of its elements,
-// halved (rows first, then columns, to kDwMinTile) until there are kDwMinTiles, each tile one
-// sequential product over the batch rows: a 64 x 1024 tile re-read (and re-packed) all of X for
-// half the work of a 256 x 512 one, which reads half of X (4096 x 1024 x 1024 fp32, 2-core Xeon:
-// 38.2 ms against 26.1 ms, at::mm's threaded product 25.5 ms); narrow columns lose more than
-// narrow rows (1024 x 256 x 784: 1.61 ms halving columns first, 1.18 ms with 64 x 784). The tiles
-// depend on the shape alone.
-constexpr int64_t kDwTileRows = 256;
-constexpr int64_t kDwTileCols = 512;
-constexpr int64_t kDwMinTile = 64;
-constexpr int64_t kDwMinTiles = 4;
+// A product's output (a weight gradient's, or x W^T's and dZ W's in linear_act) is computed by
+// tiles of at most kTileRows x kTileCols of its elements, halved (rows first, then columns, to
+// kMinTile) until there are kMinTiles, each tile one sequential product over the whole
+// contraction: a 64 x 1024 tile of dW re-read (and re-packed) all of X for half the work of a
+// 256 x 512 one, which reads half of X (4096 x 1024 x 1024 fp32, 2-core Xeon: 38.2 ms against
+// 26.1 ms, at::mm's threaded product 25.5 ms); narrow columns lose more than narrow rows
+// (1024 x 256 x 784: 1.61 ms halving columns first, 1.18 ms with 64 x 784). The tiles depend on
+// the shape alone.
+constexpr int64_t kTileRows = 256;
+constexpr int64_t kTileCols = 512;
+constexpr int64_t kMinTile = 64;
+constexpr int64_t kMinTiles = 4;
 // The batch rows are summed in chunks of at least this many, each into its own partial when there
 // are several (added in chunk order), with at most kDwPartialElems partial elements in all.
 constexpr int64_t kDwRows = 16384;
@@ -99,35 +100,69 @@ void for_blocks(int64_t nblocks, int64_t macs_per_block, const F& f) {
   });
 }
 
-// dW (N x K) = dz^T in over M rows, by tiles of dW and chunks of rows, each a fixed product
-// whatever the thread count; several chunks go to partials added in chunk order.
-template <typename T>
-void weight_grad(const T* dz, const T* in, int64_t M, int64_t N, int64_t K, T* dw) {
-  int64_t tn = std::min(N, kDwTileRows), tk = std::min(K, kDwTileCols);
-  const auto tiles = [&] { return ((N + tn - 1) / tn) * ((K + tk - 1) / tk); };
-  // half of v, rounded up to a multiple of 16, at least kDwMinTile
-  const auto halve = [](int64_t v) { return std::max(kDwMinTile, ((v + 1) / 2 + 15) / 16 * 16); };
-  while (tiles() < kDwMinTiles) {
-    if (tn > kDwMinTile) {
-      tn = halve(tn);
-    } else if (tk > kDwMinTile) {
-      tk = halve(tk);
+// The tiles of an M x N output: tm x tn each, sm x sn of them.
+struct Tiles {
+  int64_t tm, tn, sm, sn;
+  int64_t count() const { return sm * sn; }
+};
+
+inline Tiles tiles_of(int64_t M, int64_t N) {
+  Tiles t{std::min(M, kTileRows), std::min(N, kTileCols), 0, 0};
+  const auto update = [&] {
+    t.sm = (M + t.tm - 1) / std::max<int64_t>(t.tm, 1);
+    t.sn = (N + t.tn - 1) / std::max<int64_t>(t.tn, 1);
+  };
+  // half of v, rounded up to a multiple of 16, at least kMinTile
+  const auto halve = [](int64_t v) { return std::max(kMinTile, ((v + 1) / 2 + 15) / 16 * 16); };
+  for (update(); t.count() < kMinTiles; update()) {
+    if (t.tm > kMinTile) {
+      t.tm = halve(t.tm);
+    } else if (t.tn > kMinTile) {
+      t.tn = halve(t.tn);
     } else {
       break;
     }
   }
-  const int64_t sk = (K + tk - 1) / tk, ntiles = tiles();
+  return t;
+}
+
+// Tile `i` of C (M x N, ldc) = op(A) op(B) over the whole K, one sequential BLAS call; op(A) is
+// M x K (A stored K x M when ta), op(B) K x N (B stored N x K when tb).
+template <typename T>
+void product_tile(const Tiles& t, int64_t i, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
+                  const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc) {
+  const int64_t m0 = i / t.sn * t.tm, n0 = i % t.sn * t.tn;
+  const int64_t ms = std::min(t.tm, M - m0), ns = std::min(t.tn, N - n0);
+  gemm<T>(ta, tb, ms, ns, K, ta ? a + m0 : a + m0 * lda, lda, tb ? b + n0 * ldb : b + n0, ldb,
+          false, c + m0 * ldc + n0, ldc);
+}
+
+// C = op(A) op(B) (as product_tile), by tiles: the same bits on any thread count, where at::mm
+// lets MKL split a long contraction between threads (on the 2-core Intel Xeon, at::mm's bits
+// changed between 1 and 2 threads for 256 x 4096 x 256 and 16 x 100000 x 16, not 4099 x 33 x 67).
+// Needs M, N, K, lda, ldb, ldc within int and K > 0.
+template <typename T>
+void tiled_product(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda,
+                   const T* b, int64_t ldb, T* c, int64_t ldc) {
+  const Tiles t = tiles_of(M, N);
+  for_blocks(t.count(), t.tm * t.tn * K, [&](int64_t i) {
+    product_tile(t, i, ta, tb, M, N, K, a, lda, b, ldb, c, ldc);
+  });
+}
+
+// dW (N x K) = dz^T in over M rows, by tiles of dW and chunks of rows, each a fixed product
+// whatever the thread count; several chunks go to partials added in chunk order.
+template <typename T>
+void weight_grad(const T* dz, const T* in, int64_t M, int64_t N, int64_t K, T* dw) {
+  const Tiles t = tiles_of(N, K);
   int64_t rows = kDwRows;
   while ((M + rows - 1) / rows > 1 && (M + rows - 1) / rows * N * K > kDwPartialElems) rows *= 2;
   const int64_t chunks = (M + rows - 1) / rows;
   std::vector<T> parts(chunks > 1 ? chunks * N * K : 0);
-  for_blocks(ntiles * chunks, tn * tk * std::min(rows, M), [&](int64_t t) {
-    const int64_t c = t / ntiles, n0 = (t % ntiles) / sk * tn, k0 = (t % ntiles) % sk * tk;
-    const int64_t ns = std::min(tn, N - n0), ks = std::min(tk, K - k0);
-    const int64_t m0 = c * rows, mr = std::min(M, m0 + rows) - m0;
+  for_blocks(t.count() * chunks, t.tm * t.tn * std::min(rows, M), [&](int64_t i) {
+    const int64_t c = i / t.count(), m0 = c * rows, mr = std::min(M, m0 + rows) - m0;
     T* dst = chunks > 1 ? parts.data() + c * N * K : dw;
-    gemm<T>(true, false, ns, ks, mr, dz + m0 * N + n0, N, in + m0 * K + k0, K, false,
-            dst + n0 * K + k0, K);
+    product_tile(t, i % t.count(), true, false, N, K, mr, dz + m0 * N, N, in + m0 * K, K, dst, K);
   });
   if (chunks == 1) return;
   const int64_t total = N * K;

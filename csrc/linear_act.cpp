@@ -80,6 +80,26 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w,
   return std::move(stack[0]).toTensor().contiguous();
 }
 
+// fp32/fp64 out (M x N) = a (M x K) times b^T (b: N x K) or b (b: K x N) on cpu_blas.h's tiled
+// product, the same bits on any thread count (at::mm lets MKL split a long contraction between
+// threads); false, doing nothing, where it does not apply (other dtypes, no BLAS, sizes over
+// int, empty contraction): the caller then runs at::mm.
+bool tiled_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool transpose_b) {
+  const auto dt = a.scalar_type();
+  const int64_t M = a.size(0), K = a.size(1), N = transpose_b ? b.size(0) : b.size(1);
+  const bool blas =
+      (dt == at::kFloat && have_blas<float>()) || (dt == at::kDouble && have_blas<double>());
+  if (!blas || M * N == 0 || K == 0 || std::max({M, N, K}) > std::numeric_limits<int>::max())
+    return false;
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(dt, "hpml::linear_act product (CPU)", [&] {
+    ::hpml::tiled_product<scalar_t>(false, transpose_b, M, N, K, ac.const_data_ptr<scalar_t>(), K,
+                                    bc.const_data_ptr<scalar_t>(), transpose_b ? K : N,
+                                    out.mutable_data_ptr<scalar_t>(), N);
+  });
+  return true;
+}
+
 std::tuple<at::Tensor, at::Tensor> linear_act_cpu(const at::Tensor& input, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& bias,
                                                   int64_t activation, double negative_slope) {
@@ -98,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor> linear_act_cpu(const at::Tensor& input, const
     out = empty_cpu_output({M, N}, input.scalar_type());
     if (reduced && has_bias) {
       at::addmm_out(out, *bias, input, weight.t());
-    } else {
+    } else if (!tiled_mm(out, input, weight, /*transpose_b=*/true)) {
       at::mm_out(out, input, weight.t());  // ATen handles any strides of input and weight
     }
   }
@@ -171,12 +191,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
   } else if (bias_grad) {
     db.zero_();
   }
-  // dZ W on at::mm: through oneDNN (with a copy of W^T) it ran 20% faster at 4096x1024x1024 but
-  // with 3x torch's fp32 error (1.5e-5 against 4.9e-6 at 8192x64 -> 2048, over the parity
-  // tolerance), where the forward's oneDNN product stays within it.
+  // dZ W on the BLAS (fp32/fp64: tiled_mm, thread-count invariant; else at::mm), not oneDNN: with
+  // a copy of W^T it ran 20% faster at 4096x1024x1024 but with 3x torch's fp32 error (1.5e-5
+  // against 4.9e-6 at 8192x64 -> 2048, over the parity tolerance), where the forward's oneDNN
+  // product stays within it.
   at::Tensor dx = empty_cpu_output(input_grad ? input.sizes() : at::IntArrayRef{0}, dt);
-  if (input_grad) at::mm_out(dx, dz, weight);
-  // dZ^T X stays on at::mm: oneDNN's inner product would need both operands transposed in
+  if (input_grad && !tiled_mm(dx, dz, weight, /*transpose_b=*/false)) at::mm_out(dx, dz, weight);
+  // dZ^T X not on oneDNN either: its inner product would need both operands transposed in
   // memory, and those copies cost more than it saves (110 ms against 87 ms here).
   at::Tensor dw = empty_cpu_output(weight_grad ? weight.sizes() : at::IntArrayRef{0}, dt);
   if (weight_grad) {

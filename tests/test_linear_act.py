@@ -134,6 +134,47 @@ def test_large_product_through_onednn():
         torch.testing.assert_close(leaves[2].grad.double(), g.double().sum(0), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize(
+    "shape", [(256, 4096, 256), (16, 100003, 16), (64, 256, 8192), (16, 16, 100003)], ids=str
+)
+def test_long_contractions_same_bits_on_any_thread_count(shape):
+    """x W^T and dZ W of the C++ CPU kernel (fp32) run csrc/cpu_blas.h's tiled product: torch's
+    bits changed between 1 and 2 threads for these shapes on an Intel Xeon (MKL splits a long
+    contraction between threads: the output for the first two, dX for the last two). Output and
+    all three gradients bitwise the same on 1 and 2 threads, and within twice torch's fp32 error
+    against float64."""
+    if DEVICE != "cpu" or "cpp" not in hpml_ops.available_backends("cpu"):
+        pytest.skip("the tiled product is the C++ CPU kernel's (cpp backend unavailable)")
+    m, k, n = shape
+    x, w, b = _make((m, k), n, torch.float32, seed=47)
+    g = torch.randn(m, n, generator=torch.Generator().manual_seed(8))
+
+    def run(threads, fn):
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            leaves = [t.detach().requires_grad_(True) for t in (x, w, b)]
+            y = fn(*leaves)
+            y.backward(g)
+            return [y.detach()] + [t.grad for t in leaves]
+        finally:
+            torch.set_num_threads(prev)
+
+    ours = _ours("cpp", "none")
+    one, two = run(1, ours), run(2, ours)
+    for a, c in zip(one, two, strict=True):
+        assert torch.equal(a, c)
+    theirs = run(2, torch.nn.functional.linear)
+    xd, wd, gd = x.double(), w.double(), g.double()
+    refs = [xd @ wd.t() + b.double(), gd @ wd, gd.t() @ xd, gd.sum(0)]
+    for name, mine, torch_value, ref in zip(
+        ("out", "dx", "dw", "db"), two, theirs, refs, strict=True
+    ):
+        err = (mine.double() - ref).abs().max().item()
+        torch_err = (torch_value.double() - ref).abs().max().item()
+        assert err <= 2 * torch_err, (name, err, torch_err)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 def test_blocked_weight_gradient(dtype):
     """The C++ CPU dW (csrc/cpu_blas.h's weight_grad): 20011 rows are two chunks of rows summed
