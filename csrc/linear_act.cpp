@@ -84,13 +84,18 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w,
 // product, the same bits on any thread count (at::mm lets MKL split a long contraction between
 // threads); false, doing nothing, where it does not apply (other dtypes, no BLAS, sizes over
 // int, empty contraction): the caller then runs at::mm.
+// Whether an (M x K) (K x N) product of dtype dt runs on cpu_blas.h: fp32/fp64 with the BLAS
+// linked, nothing empty (at::mm then writes the zeros), every size within BLAS's int.
+bool blas_product(at::ScalarType dt, int64_t M, int64_t N, int64_t K) {
+  const bool blas =
+      (dt == at::kFloat && have_blas<float>()) || (dt == at::kDouble && have_blas<double>());
+  return blas && M * N * K > 0 && std::max({M, N, K}) <= std::numeric_limits<int>::max();
+}
+
 bool tiled_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool transpose_b) {
   const auto dt = a.scalar_type();
   const int64_t M = a.size(0), K = a.size(1), N = transpose_b ? b.size(0) : b.size(1);
-  const bool blas =
-      (dt == at::kFloat && have_blas<float>()) || (dt == at::kDouble && have_blas<double>());
-  if (!blas || M * N == 0 || K == 0 || std::max({M, N, K}) > std::numeric_limits<int>::max())
-    return false;
+  if (!blas_product(dt, M, N, K)) return false;
   const at::Tensor ac = a.contiguous(), bc = b.contiguous();
   AT_DISPATCH_FLOATING_TYPES(dt, "hpml::linear_act product (CPU)", [&] {
     ::hpml::tiled_product<scalar_t>(false, transpose_b, M, N, K, ac.const_data_ptr<scalar_t>(), K,
@@ -200,27 +205,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
   // dZ^T X not on oneDNN either: its inner product would need both operands transposed in
   // memory, and those copies cost more than it saves (110 ms against 87 ms here).
   at::Tensor dw = empty_cpu_output(weight_grad ? weight.sizes() : at::IntArrayRef{0}, dt);
-  if (weight_grad) {
-    // fp32/fp64: cpu_blas.h's blocked product, the same bits on any thread count (at::mm lets
-    // MKL split the sum over the batch rows between its threads). fp16/bf16 stay on at::mm
-    // (oneDNN's reduced-precision kernels).
-    const int64_t K = input.size(1);
-    const bool fits = std::max({M, N, K}) <= std::numeric_limits<int>::max();  // BLAS's int
-    if (fits &&
-        ((dt == at::kFloat && have_blas<float>()) || (dt == at::kDouble && have_blas<double>()))) {
-      if (M * N * K == 0) {
-        dw.zero_();
-      } else {
-        const at::Tensor x = input.contiguous(), dzc = dz.contiguous();
-        AT_DISPATCH_FLOATING_TYPES(dt, "hpml::linear_act_backward dW (CPU)", [&] {
-          ::hpml::weight_grad<scalar_t>(dzc.const_data_ptr<scalar_t>(),
-                                        x.const_data_ptr<scalar_t>(), M, N, K,
-                                        dw.mutable_data_ptr<scalar_t>());
-        });
-      }
-    } else {
-      at::mm_out(dw, dz.t(), input);
-    }
+  // fp32/fp64: cpu_blas.h's blocked product, the same bits on any thread count (at::mm lets MKL
+  // split the sum over the batch rows between its threads). fp16/bf16 stay on at::mm (oneDNN's
+  // reduced-precision kernels).
+  if (weight_grad && blas_product(dt, N, input.size(1), M)) {
+    const at::Tensor x = input.contiguous();  // dz is contiguous: ours, or g
+    AT_DISPATCH_FLOATING_TYPES(dt, "hpml::linear_act_backward dW (CPU)", [&] {
+      ::hpml::weight_grad<scalar_t>(dz.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                    M, N, input.size(1), dw.mutable_data_ptr<scalar_t>());
+    });
+  } else if (weight_grad) {
+    at::mm_out(dw, dz.t(), input);
   }
   return {dx, dw, db};
 }
