@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -131,3 +133,14 @@ def check_against_oracle(ours_fn, torch_fn, args, need, seed: int = 0, names=())
         assert o.dtype == a.dtype and o.shape == a.shape, f"grad_{name}: {o.dtype} {o.shape}"
         assert_close_to_oracle(o, r, t, what=f"grad_{name}", compute_dtype=ours.dtype)
     return ours
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch's intra-op thread count set to n inside the block, restored after it."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)

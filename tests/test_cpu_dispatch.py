@@ -20,7 +20,7 @@ import torch
 
 import hpml_ops
 from hpml_ops import _backend
-from tests.helpers import check_against_oracle
+from tests.helpers import check_against_oracle, num_threads
 
 pytestmark = pytest.mark.skipif(
     _backend._C is None or torch.device(_backend._default_device_type()).type != "cpu",
@@ -184,23 +184,18 @@ def _mlp_step(seed, threads):
     ]
     bs = [torch.randn(o, generator=g).requires_grad_() for o in widths[1:]]
     rm, rv = torch.zeros(45), torch.ones(45)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with hpml_ops.use_backend("cpp"):
-            out = hpml_ops.mlp(
-                x,
-                ws,
-                bs,
-                activation="leaky_relu",
-                batch_norm=[True, False],
-                running_means=[rm, None],
-                running_vars=[rv, None],
-                training=True,
-            )
-            out.square().sum().backward()
-    finally:
-        torch.set_num_threads(prev)
+    with num_threads(threads), hpml_ops.use_backend("cpp"):
+        out = hpml_ops.mlp(
+            x,
+            ws,
+            bs,
+            activation="leaky_relu",
+            batch_norm=[True, False],
+            running_means=[rm, None],
+            running_vars=[rv, None],
+            training=True,
+        )
+        out.square().sum().backward()
     return [out.detach(), x.grad, *(t.grad for t in ws + bs), rm, rv]
 
 
@@ -210,29 +205,24 @@ def test_same_bits_on_any_thread_count_in_every_variant(variant, op):
         if op == "mlp":
             return _mlp_step(5, threads)
         g = torch.Generator().manual_seed(6)
-        prev = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with hpml_ops.use_backend("cpp"):
-                if op == "linear_act":
-                    x = torch.randn(4099, 67, generator=g, requires_grad=True)
-                    w = torch.randn(33, 67, generator=g, requires_grad=True)
-                    y = hpml_ops.linear_act(x, w, None, "relu")
-                    y.square().sum().backward()
-                    return [y.detach(), x.grad, w.grad]
-                if op == "bce":
-                    x = torch.randn(300001, generator=g, requires_grad=True)
-                    t = torch.rand(300001, generator=g)
-                    loss = hpml_ops.binary_cross_entropy_with_logits(x, t)
-                    loss.backward()
-                    return [loss.detach(), x.grad]
-                x = torch.randn(20011, 37, generator=g, requires_grad=True)
-                w = torch.rand(37, generator=g, requires_grad=True)
-                y = hpml_ops.batch_norm(x, None, None, w, None, training=True, activation="relu")
+        with num_threads(threads), hpml_ops.use_backend("cpp"):
+            if op == "linear_act":
+                x = torch.randn(4099, 67, generator=g, requires_grad=True)
+                w = torch.randn(33, 67, generator=g, requires_grad=True)
+                y = hpml_ops.linear_act(x, w, None, "relu")
                 y.square().sum().backward()
                 return [y.detach(), x.grad, w.grad]
-        finally:
-            torch.set_num_threads(prev)
+            if op == "bce":
+                x = torch.randn(300001, generator=g, requires_grad=True)
+                t = torch.rand(300001, generator=g)
+                loss = hpml_ops.binary_cross_entropy_with_logits(x, t)
+                loss.backward()
+                return [loss.detach(), x.grad]
+            x = torch.randn(20011, 37, generator=g, requires_grad=True)
+            w = torch.rand(37, generator=g, requires_grad=True)
+            y = hpml_ops.batch_norm(x, None, None, w, None, training=True, activation="relu")
+            y.square().sum().backward()
+            return [y.detach(), x.grad, w.grad]
 
     one, two = run(1), run(2)
     for a, b in zip(one, two, strict=True):

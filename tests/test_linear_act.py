@@ -17,7 +17,14 @@ import torch
 import hpml_ops
 from hpml_ops.constants import ACTIVATIONS
 from hpml_ops.ops.linear_act import OP
-from tests.helpers import DEVICE, DTYPES, backend_params, check_against_oracle, dtype_id
+from tests.helpers import (
+    DEVICE,
+    DTYPES,
+    backend_params,
+    check_against_oracle,
+    dtype_id,
+    num_threads,
+)
 
 pytestmark = pytest.mark.usefixtures("poisoned")
 
@@ -95,9 +102,9 @@ def test_large_product_through_onednn():
     """From 2^30 multiply-adds the C++ CPU forward runs x W^T through oneDNN's inner product
     (when torch has it; smaller products stay on at::mm, tested above). The output against
     float64 at the fp32 tolerance, for a 1024- and a 4096-long contraction; the backward's dX
-    is at::mm's, as torch's (bitwise equal to torch's fp32 gradient: over 1024 rows both miss
-    the per-element fp32 tolerance, by the same 2.7e-4), dW is csrc/cpu_blas.h's
-    thread-count-invariant blocked product (within twice torch's error against float64), db
+    and dW are csrc/cpu_blas.h's thread-count-invariant tiled products: dX over a 256-long
+    contraction bitwise equal to torch's fp32 gradient (over 1024 rows both miss the per-element
+    fp32 tolerance, by the same 2.7e-4), dW within twice torch's error against float64, db
     against float64."""
     if DEVICE != "cpu" or "cpp" not in hpml_ops.available_backends("cpu"):
         pytest.skip("the oneDNN path is the C++ CPU kernel's (cpp backend unavailable)")
@@ -150,15 +157,11 @@ def test_long_contractions_same_bits_on_any_thread_count(shape):
     g = torch.randn(m, n, generator=torch.Generator().manual_seed(8))
 
     def run(threads, fn):
-        prev = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with num_threads(threads):
             leaves = [t.detach().requires_grad_(True) for t in (x, w, b)]
             y = fn(*leaves)
             y.backward(g)
             return [y.detach()] + [t.grad for t in leaves]
-        finally:
-            torch.set_num_threads(prev)
 
     ours = _ours("cpp", "none")
     one, two = run(1, ours), run(2, ours)
@@ -186,16 +189,12 @@ def test_blocked_weight_gradient(dtype):
     g = torch.randn(20011, 300, generator=torch.Generator().manual_seed(7), dtype=dtype)
 
     def run(threads):
-        prev = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with num_threads(threads):
             leaf = w.detach().requires_grad_(True)
             with hpml_ops.use_backend("cpp"):
                 y = hpml_ops.linear_act(x, leaf, b, "relu")
             y.backward(g)
             return leaf.grad, y.detach()
-        finally:
-            torch.set_num_threads(prev)
 
     (one, _), (two, y) = run(1), run(2)
     assert torch.equal(one, two)
