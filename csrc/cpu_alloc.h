@@ -3,10 +3,14 @@
 // then faults once per 2 MiB instead of once per 4 KiB. Measured on the 2-core CI VM: writing a
 // fresh 64 MB tensor costs 35-55 ms in 4 KiB pages, 11-13 ms with huge pages, 5-9 ms when the
 // memory is already mapped; that fault cost was most of the CPU backward's time.
-// Only from 32 MiB up: glibc's malloc serves smaller blocks from its heap, reused without faults
-// once its mmap threshold has risen (it rises to the size of a freed mapping, up to 32 MiB on
-// 64-bit), where an aligned huge-page block would be mapped and zeroed afresh each time
-// (measured: 5.8 ms for a 16 MB backward this way vs 0.95 ms for torch.empty + fill).
+// From 4 MiB up: glibc's malloc serves blocks below its mmap
+// threshold (which rises to the size of a freed mapping, up to 32 MiB on 64-bit) from its heap,
+// but which block a 16 MB output gets depends on what else the program allocates and frees in
+// between: in the benchmark, interleaved with eager's calls, batch norm's 4096 x 1024 fwd+bwd took
+// 4.1-4.9 ms where it takes 3.0 ms alone (the op's outputs written to memory not in cache, or
+// freshly faulted). From the cache below the block is the one this size freed last, in cache
+// (3.6-4.0 ms interleaved; benchmarks/NOTES.md). Below 4 MiB the rounding to 2 MiB would waste
+// up to half a block.
 #pragma once
 
 #include <ATen/Context.h>
@@ -17,6 +21,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -28,13 +33,14 @@
 namespace hpml {
 
 // Freed blocks are kept (up to kMaxCached bytes) and handed out again for the same rounded size,
-// as torch's CUDA caching allocator does on the GPU: in a training loop every step allocates the
-// same outputs, and a kept block is already mapped (no fault, no zeroing by the kernel). Measured:
-// a 64 MB output written into a kept block costs 5-9 ms against 11-13 ms fresh.
+// the last freed first, as torch's CUDA caching allocator does on the GPU: in a training loop
+// every step allocates the same outputs, and a kept block is already mapped (no fault, no zeroing
+// by the kernel) and, if freed recently, still in cache. Measured: a 64 MB output written into a
+// kept block costs 5-9 ms against 11-13 ms fresh.
 class HugePageCPUAllocator final : public c10::Allocator {
  public:
   static constexpr size_t kHugePage = size_t(2) << 20;
-  static constexpr size_t kThreshold = size_t(32) << 20;
+  static constexpr size_t kThreshold = size_t(4) << 20;  // bytes
   static constexpr size_t kMaxCached = size_t(512) << 20;
 
   c10::DataPtr allocate(size_t n) override {
@@ -69,8 +75,11 @@ class HugePageCPUAllocator final : public c10::Allocator {
 
   void* take_cached(size_t size) {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = free_.find(size);
-    if (it == free_.end()) return nullptr;
+    // The block freed last (still in cache, where a training step's next output of this size
+    // is written): equal keys keep their insertion order, so the last of the range.
+    const auto range = free_.equal_range(size);
+    if (range.first == range.second) return nullptr;
+    const auto it = std::prev(range.second);
     void* p = it->second;
     free_.erase(it);
     cached_ -= size;

@@ -151,9 +151,13 @@ void tiled_product(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* a
 }
 
 // dW (N x K) = dz^T in over M rows, by tiles of dW and chunks of rows, each a fixed product
-// whatever the thread count; several chunks go to partials added in chunk order.
+// whatever the thread count; several chunks go to partials added in chunk order. `in` (M x K) is
+// row-major with leading dimension ld_in (K when 0), or with in_trans its transpose is (K x M,
+// leading dimension ld_in).
 template <typename T>
-void weight_grad(const T* dz, const T* in, int64_t M, int64_t N, int64_t K, T* dw) {
+void weight_grad(const T* dz, const T* in, int64_t M, int64_t N, int64_t K, T* dw,
+                 int64_t ld_in = 0, bool in_trans = false) {
+  if (ld_in == 0) ld_in = K;
   const Tiles t = tiles_of(N, K);
   int64_t rows = kDwRows;
   while ((M + rows - 1) / rows > 1 && (M + rows - 1) / rows * N * K > kDwPartialElems) rows *= 2;
@@ -162,7 +166,8 @@ void weight_grad(const T* dz, const T* in, int64_t M, int64_t N, int64_t K, T* d
   for_blocks(t.count() * chunks, t.tm * t.tn * std::min(rows, M), [&](int64_t i) {
     const int64_t c = i / t.count(), m0 = c * rows, mr = std::min(M, m0 + rows) - m0;
     T* dst = chunks > 1 ? parts.data() + c * N * K : dw;
-    product_tile(t, i % t.count(), true, false, N, K, mr, dz + m0 * N, N, in + m0 * K, K, dst, K);
+    product_tile(t, i % t.count(), true, in_trans, N, K, mr, dz + m0 * N, N,
+                 in_trans ? in + m0 : in + m0 * ld_in, ld_in, dst, K);
   });
   if (chunks == 1) return;
   const int64_t total = N * K;

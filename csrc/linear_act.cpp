@@ -80,10 +80,6 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w,
   return std::move(stack[0]).toTensor().contiguous();
 }
 
-// fp32/fp64 out (M x N) = a (M x K) times b^T (b: N x K) or b (b: K x N) on cpu_blas.h's tiled
-// product, the same bits on any thread count (at::mm lets MKL split a long contraction between
-// threads); false, doing nothing, where it does not apply (other dtypes, no BLAS, sizes over
-// int, empty contraction): the caller then runs at::mm.
 // Whether an (M x K) (K x N) product of dtype dt runs on cpu_blas.h: fp32/fp64 with the BLAS
 // linked, nothing empty (at::mm then writes the zeros), every size within BLAS's int.
 bool blas_product(at::ScalarType dt, int64_t M, int64_t N, int64_t K) {
@@ -92,14 +88,37 @@ bool blas_product(at::ScalarType dt, int64_t M, int64_t N, int64_t K) {
   return blas && M * N * K > 0 && std::max({M, N, K}) <= std::numeric_limits<int>::max();
 }
 
+// A 2-D operand as BLAS reads it in place: row-major with leading dimension ld (trans false), or
+// its transpose row-major (trans true: a column-major view such as w.t()); none (a copy is made)
+// for other strides, e.g. an expanded operand's stride 0, or a leading dimension over int.
+struct BlasOperand {
+  at::Tensor t;  // t itself, or its contiguous copy
+  bool trans = false;
+  int64_t ld = 0;
+};
+
+BlasOperand blas_operand(const at::Tensor& t) {
+  const int64_t r = t.size(0), c = t.size(1), s0 = t.stride(0), s1 = t.stride(1);
+  constexpr int64_t kMaxLd = std::numeric_limits<int>::max();
+  if ((s1 == 1 || c == 1) && s0 >= std::max<int64_t>(c, 1) && s0 <= kMaxLd) return {t, false, s0};
+  if ((s0 == 1 || r == 1) && s1 >= std::max<int64_t>(r, 1) && s1 <= kMaxLd) return {t, true, s1};
+  return {t.contiguous(), false, std::max<int64_t>(c, 1)};
+}
+
+// fp32/fp64 out (M x N, contiguous) = a (M x K) times b^T (b: N x K) or b (b: K x N) on
+// cpu_blas.h's tiled product, the same bits on any thread count (at::mm lets MKL split a long
+// contraction between threads); operands read in place where their strides allow (blas_operand).
+// false, doing nothing, where blas_product says no: the caller then runs at::mm.
 bool tiled_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool transpose_b) {
   const auto dt = a.scalar_type();
   const int64_t M = a.size(0), K = a.size(1), N = transpose_b ? b.size(0) : b.size(1);
   if (!blas_product(dt, M, N, K)) return false;
-  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  const BlasOperand ao = blas_operand(a), bo = blas_operand(b);
   AT_DISPATCH_FLOATING_TYPES(dt, "hpml::linear_act product (CPU)", [&] {
-    ::hpml::tiled_product<scalar_t>(false, transpose_b, M, N, K, ac.const_data_ptr<scalar_t>(), K,
-                                    bc.const_data_ptr<scalar_t>(), transpose_b ? K : N,
+    // op(B) is K x N: b^T when transpose_b, so B is transposed in memory exactly when b is not.
+    ::hpml::tiled_product<scalar_t>(ao.trans, transpose_b != bo.trans, M, N, K,
+                                    ao.t.const_data_ptr<scalar_t>(), ao.ld,
+                                    bo.t.const_data_ptr<scalar_t>(), bo.ld,
                                     out.mutable_data_ptr<scalar_t>(), N);
   });
   return true;
@@ -209,10 +228,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
   // split the sum over the batch rows between its threads). fp16/bf16 stay on at::mm (oneDNN's
   // reduced-precision kernels).
   if (weight_grad && blas_product(dt, N, input.size(1), M)) {
-    const at::Tensor x = input.contiguous();  // dz is contiguous: ours, or g
+    const BlasOperand x = blas_operand(input);  // dz is contiguous: ours, or g
     AT_DISPATCH_FLOATING_TYPES(dt, "hpml::linear_act_backward dW (CPU)", [&] {
-      ::hpml::weight_grad<scalar_t>(dz.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                    M, N, input.size(1), dw.mutable_data_ptr<scalar_t>());
+      ::hpml::weight_grad<scalar_t>(dz.const_data_ptr<scalar_t>(), x.t.const_data_ptr<scalar_t>(),
+                                    M, N, input.size(1), dw.mutable_data_ptr<scalar_t>(), x.ld,
+                                    x.trans);
     });
   } else if (weight_grad) {
     at::mm_out(dw, dz.t(), input);

@@ -249,3 +249,31 @@ def test_variants_read_each_others_masks():
                 torch.testing.assert_close(gx.double(), expect, atol=1e-5, rtol=1e-5)
     finally:
         _backend._C._force_cpu_capability(None)
+
+
+def test_large_outputs_reuse_the_block_freed_last():
+    """Outputs of 4 MiB and more come from csrc/cpu_alloc.h's cache: a freed block is handed out
+    again for the same size, the one freed last first (still in cache), and its values are
+    written afresh (no stale values from the tensor that held it)."""
+    if "cpp" not in hpml_ops.available_backends("cpu"):
+        pytest.skip("the allocator is the C++ CPU kernels' (cpp backend unavailable)")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1031, 1031, generator=g)  # 4.05 MiB of fp32: rounded up to 6 MiB
+    ys = [torch.randn(1031, 1031, generator=g) for _ in range(2)]
+
+    def bce(y):
+        with hpml_ops.use_backend("cpp"):
+            return hpml_ops.binary_cross_entropy_with_logits(x, y, reduction="none")
+
+    a, b = bce(ys[0]), bce(ys[1])
+    pa, pb = a.data_ptr(), b.data_ptr()
+    assert pa != pb
+    del a
+    del b  # freed last
+    c = bce(ys[0])
+    assert c.data_ptr() == pb
+    d = bce(ys[1])
+    assert d.data_ptr() == pa
+    ref = torch.nn.functional.binary_cross_entropy_with_logits
+    torch.testing.assert_close(c, ref(x, ys[0], reduction="none"))
+    torch.testing.assert_close(d, ref(x, ys[1], reduction="none"))

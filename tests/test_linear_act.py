@@ -167,15 +167,65 @@ def test_long_contractions_same_bits_on_any_thread_count(shape):
     one, two = run(1, ours), run(2, ours)
     for a, c in zip(one, two, strict=True):
         assert torch.equal(a, c)
-    theirs = run(2, torch.nn.functional.linear)
+    _within_twice_torch(two, run(2, torch.nn.functional.linear), x, w, b, g)
+
+
+def _within_twice_torch(ours, theirs, x, w, b, g):
+    """ours and theirs: [out, dx, dw, db] of linear(x, w, b) with incoming gradient g; ours
+    within twice torch's error against float64, for each."""
     xd, wd, gd = x.double(), w.double(), g.double()
     refs = [xd @ wd.t() + b.double(), gd @ wd, gd.t() @ xd, gd.sum(0)]
     for name, mine, torch_value, ref in zip(
-        ("out", "dx", "dw", "db"), two, theirs, refs, strict=True
+        ("out", "dx", "dw", "db"), ours, theirs, refs, strict=True
     ):
         err = (mine.double() - ref).abs().max().item()
         torch_err = (torch_value.double() - ref).abs().max().item()
         assert err <= 2 * torch_err, (name, err, torch_err)
+
+
+def _strided(t, how):
+    """t's values in a view of other strides: a column slice of a wider tensor (row stride over
+    the row length), a transposed buffer (column-major), or expanded from one row (stride 0)."""
+    if how == "slice":
+        wide = torch.full((t.shape[0], t.shape[1] + 7), float("nan"), dtype=t.dtype)
+        wide[:, 3 : 3 + t.shape[1]] = t
+        return wide[:, 3 : 3 + t.shape[1]]
+    if how == "transposed":
+        return t.t().contiguous().t()
+    return t[:1].expand_as(t)
+
+
+@pytest.mark.parametrize(
+    ("x_how", "w_how"),
+    [("slice", "slice"), ("transposed", "transposed"), ("slice", "transposed"),
+     ("transposed", "slice"), ("expanded", "transposed")],
+)  # fmt: skip
+def test_strided_operands_read_in_place(x_how, w_how):
+    """The C++ CPU kernel's fp32 products read strided operands in place (a row stride becomes
+    BLAS's leading dimension, a column-major view its transpose flag; other strides are copied):
+    output and the three gradients within twice the error against float64 of torch given
+    contiguous copies of the same values, and bitwise the same on 1 and 2 threads."""
+    if DEVICE != "cpu" or "cpp" not in hpml_ops.available_backends("cpu"):
+        pytest.skip("the tiled product is the C++ CPU kernel's (cpp backend unavailable)")
+    x0, w0, b = _make((267, 1031), 45, torch.float32, seed=53)
+    x = _strided(x0, x_how)
+    w = _strided(w0, w_how)
+    x0 = x.contiguous()  # the expanded case's values
+    g = torch.randn(267, 45, generator=torch.Generator().manual_seed(9))
+    ours = _ours("cpp", "none")
+
+    def run(threads, fn, *args):
+        with num_threads(threads):
+            leaves = [t.detach().requires_grad_(True) for t in args]
+            y = fn(*leaves)
+            y.backward(g)
+            return [y.detach()] + [t.grad for t in leaves]
+
+    one, two = run(1, ours, x, w, b), run(2, ours, x, w, b)
+    for a, c in zip(one, two, strict=True):
+        assert torch.equal(a, c)
+    theirs = run(2, torch.nn.functional.linear, x0, w.contiguous(), b)
+    _within_twice_torch(two, theirs, x0, w, b, g)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
