@@ -455,3 +455,31 @@ def test_config_is_plain_data():
     cfg = TrainConfig()
     assert dataclasses.asdict(cfg)["dataset"] == "breast_cancer"
     assert json.loads(json.dumps(cfg.to_dict()))["hidden"] == [64, 32]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_optimizer_is_torchs_fused_where_it_exists(optimizer):
+    """The loop's optimizer is torch's fused implementation for floating-point parameters on CPU
+    (one call for all of them), and the for-loop one where torch has no fused kernel (here: a
+    parameter on the meta device); the fused one takes the for-loop's steps within an ulp."""
+    from hpml_ops.train.loop import _make_optimizer
+
+    cfg = TrainConfig(**{**SMALL, "optimizer": optimizer, "weight_decay": 1e-4})
+    meta = _make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3, device="meta"))], 0.1)
+    assert not meta.param_groups[0]["fused"]
+    g = torch.Generator().manual_seed(4)
+    start = [torch.randn(17, 5, generator=g), torch.randn(5, generator=g)]
+    grads = [[torch.randn(t.shape, generator=g) for t in start] for _ in range(20)]
+    runs = []
+    for fused in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = _make_optimizer(cfg, params, 0.05)
+        assert opt.param_groups[0]["fused"] is True
+        if not fused:  # the same optimizer, switched to torch's for-loop implementation
+            opt.param_groups[0]["fused"] = False
+        for step in grads:
+            for p, d in zip(params, step, strict=True):
+                p.grad = d.clone()
+            opt.step()
+        runs.append(torch.cat([p.detach().flatten() for p in params]))
+    torch.testing.assert_close(runs[0], runs[1], rtol=2**-23, atol=2**-24)

@@ -207,10 +207,26 @@ class TrainResult:
     extra: dict = field(default_factory=dict)
 
 
+# Devices with torch's fused optimizer kernels (one call updates every parameter).
+_FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")
+
+
 def _make_optimizer(cfg: TrainConfig, params, lr: float) -> torch.optim.Optimizer:
+    """The run's optimizer, torch's fused implementation (``fused=True``: one kernel call for all
+    parameters) where torch has it for these parameters (floating point, on CPU or CUDA): on a
+    small net the for-loop implementation's ten per-parameter updates in Python cost more than
+    the whole network's forward (~63 us against ~27 us fused, 1 thread). The same update rule; the
+    values may differ from the for-loop's in the last bit (it forms the weight-decay term its own
+    way). The fused and the PyTorch run of ``--compare-reference`` both get it."""
+    params = list(params)
+    fused = bool(params) and all(
+        p.dtype.is_floating_point and p.device.type in _FUSED_OPTIMIZER_DEVICES for p in params
+    )
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused
+        )
+    return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def _micro_batches(indices: Tensor, batch_size: int, drop_single: bool) -> list[Tensor]:
