@@ -3,14 +3,13 @@
 // then faults once per 2 MiB instead of once per 4 KiB. Measured on the 2-core CI VM: writing a
 // fresh 64 MB tensor costs 35-55 ms in 4 KiB pages, 11-13 ms with huge pages, 5-9 ms when the
 // memory is already mapped; that fault cost was most of the CPU backward's time.
-// From 4 MiB up: glibc's malloc serves blocks below its mmap
-// threshold (which rises to the size of a freed mapping, up to 32 MiB on 64-bit) from its heap,
-// but which block a 16 MB output gets depends on what else the program allocates and frees in
-// between: in the benchmark, interleaved with eager's calls, batch norm's 4096 x 1024 fwd+bwd took
-// 4.1-4.9 ms where it takes 3.0 ms alone (the op's outputs written to memory not in cache, or
-// freshly faulted). From the cache below the block is the one this size freed last, in cache
-// (3.6-4.0 ms interleaved; benchmarks/NOTES.md). Below 4 MiB the rounding to 2 MiB would waste
-// up to half a block.
+// From 4 MiB up: glibc's malloc serves blocks below its mmap threshold (which rises to the size
+// of a freed mapping, up to 32 MiB on 64-bit) from its heap, but which block a 16 MB output gets
+// depends on what else the program allocates and frees in between: in the benchmark, interleaved
+// with eager's calls, batch norm's 4096 x 1024 fwd+bwd took 4.1-4.9 ms where it takes 3.0 ms
+// alone (its outputs written to memory not in cache, or faulted afresh). From the cache below,
+// the block is the one of this size freed last, in cache (3.6-4.0 ms interleaved;
+// benchmarks/NOTES.md). Below 4 MiB the rounding up to 2 MiB would waste up to half a block.
 #pragma once
 
 #include <ATen/Context.h>
