@@ -7,9 +7,11 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/core/ScalarType.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -71,6 +73,15 @@ bool have_blas() {
   } else {
     return dgemm_ != nullptr;
   }
+}
+
+// Whether an (M x K) (K x N) product of dtype dt runs here: fp32/fp64 with the BLAS linked,
+// nothing empty (the callers' fallback, at::mm, writes the zeros), every size within BLAS's int.
+inline bool blas_product(c10::ScalarType dt, int64_t M, int64_t N, int64_t K) {
+  const bool blas = (dt == c10::ScalarType::Float && have_blas<float>()) ||
+                    (dt == c10::ScalarType::Double && have_blas<double>());
+  return blas && M > 0 && N > 0 && K > 0 &&
+         std::max({M, N, K}) <= std::numeric_limits<int>::max();
 }
 
 // Row-major C (m x n, ldc) = op(A) op(B) (+ C when accumulate), op(A) m x k, op(B) k x n; as the

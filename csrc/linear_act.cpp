@@ -80,14 +80,6 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w,
   return std::move(stack[0]).toTensor().contiguous();
 }
 
-// Whether an (M x K) (K x N) product of dtype dt runs on cpu_blas.h: fp32/fp64 with the BLAS
-// linked, nothing empty (at::mm then writes the zeros), every size within BLAS's int.
-bool blas_product(at::ScalarType dt, int64_t M, int64_t N, int64_t K) {
-  const bool blas =
-      (dt == at::kFloat && have_blas<float>()) || (dt == at::kDouble && have_blas<double>());
-  return blas && M * N * K > 0 && std::max({M, N, K}) <= std::numeric_limits<int>::max();
-}
-
 // A 2-D operand as BLAS reads it in place: row-major with leading dimension ld (trans false), or
 // its transpose row-major (trans true: a column-major view such as w.t()); none (a copy is made)
 // for other strides, e.g. an expanded operand's stride 0, or a leading dimension over int.

@@ -600,14 +600,11 @@ bool native(const at::Tensor& input, at::TensorList weights) {
   if (input.dim() != 2 || input.device().type() != c10::kCPU) return false;
   for (const at::Tensor& w : weights)
     if (w.dim() != 2 || w.scalar_type() != input.scalar_type()) return false;
-  const auto dt = input.scalar_type();
-  if (layers_forced() || (dt != at::kFloat && dt != at::kDouble)) return false;
-  if (dt == at::kFloat ? !have_blas<float>() : !have_blas<double>()) return false;
+  if (layers_forced()) return false;
   const int64_t M = input.size(0);
-  if (M == 0 || M > INT_MAX || input.size(1) == 0) return false;
   for (const at::Tensor& w : weights) {
     const int64_t N = w.size(0), K = w.size(1);
-    if (N == 0 || K == 0 || N > INT_MAX || K > INT_MAX) return false;
+    if (!blas_product(input.scalar_type(), M, N, K)) return false;
     if (static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) >=
         static_cast<double>(kLayersMacs))
       return false;
