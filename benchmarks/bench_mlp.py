@@ -6,7 +6,11 @@ Models (the same weights for every provider):
 
 - ``small``: ``make train``'s 30-64-32-1 with BatchNorm1d + ReLU, batch 32;
 - ``net``: the lecture's 256-120-84-10 with ReLU, batch 256;
-- ``wide``: 1024-1024-1024-1 with BatchNorm1d + ReLU, batch 4096;
+- ``mnist``: 784-256-256-10 with BatchNorm1d + ReLU, batch 512 (an MNIST-sized classifier);
+- ``w1000``: 1000-1000-1000-1 with ReLU, batch 1024 (wide layers whose products, 2^30
+  multiply-adds and less, the whole-net kernel still runs by blocks of rows);
+- ``wide``: 1024-1024-1024-1 with BatchNorm1d + ReLU, batch 4096 (products over 2^30: the
+  whole-net op calls the per-layer products);
 - ``narrow64``: 64 wide, 4 hidden layers of 64 with ReLU, 16 outputs, batch 2^20 (the GPU case
   of tiny-cuda-nn's fully fused MLP; the default on a GPU, with ``wide``).
 
@@ -23,7 +27,7 @@ targets, backward), ``step`` (zero_grad, the ``loss`` mode, SGD with momentum 0.
 timed interleaved on the CPU; "vs_eager" is the median of the per-round ratios. FLOPs:
 2 x batch x (sum of in x out) forward, twice that backward.
 
-    python benchmarks/bench_mlp.py [--models small,net,wide] [--threads N]
+    python benchmarks/bench_mlp.py [--models small,net,mnist,w1000,wide] [--threads N]
 """
 
 from __future__ import annotations
@@ -54,10 +58,13 @@ MODELS = {
     "small": ((30, 64, 32, 1), True, 32),
     "net": ((256, 120, 84, 10), False, 256),
     "wide": ((1024, 1024, 1024, 1), True, 4096),
+    # layers of 256-1000 outputs whose products stay below the per-layer path's 2^30 multiply-adds
+    "mnist": ((784, 256, 256, 10), True, 512),
+    "w1000": ((1000, 1000, 1000, 1), False, 1024),
     "narrow64": ((64, 64, 64, 64, 64, 16), False, 1 << 20),
 }
 GPU_MODELS = ("narrow64", "wide")
-CPU_MODELS = ("small", "net", "wide")
+CPU_MODELS = ("small", "net", "mnist", "w1000", "wide")
 
 
 def build(provider: str, model: nn.Sequential, backend: str) -> tuple[nn.Module, nn.Module]:
@@ -119,7 +126,9 @@ def make_case(mode: str, model: nn.Module, loss_fn: nn.Module, x, y, fused_loss:
 
 def main(argv=None, name: str = "mlp") -> int:
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--models", default=None, help="small,net,wide (CPU); narrow64,wide (GPU)")
+    p.add_argument(
+        "--models", default=None, help="small,net,mnist,w1000,wide (CPU); narrow64,wide (GPU)"
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--backend", default=None, help="cpp on the CPU, triton on a GPU by default")
     args = p.parse_args(argv)

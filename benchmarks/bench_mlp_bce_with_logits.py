@@ -4,7 +4,8 @@ op apart (``FusedMLP`` then the library's loss), plain PyTorch and ``torch.compi
 ``loss`` (forward, loss, backward) and ``step`` (the same and SGD with momentum) modes on its
 models, side by side in one run. Results: ``results/mlp_bce_with_logits_<device>.*``.
 
-    python benchmarks/bench_mlp_bce_with_logits.py [--models small,net,wide] [--threads N]
+    python benchmarks/bench_mlp_bce_with_logits.py [--models small,net,mnist,w1000,wide]
+        [--threads N]
 """
 
 from __future__ import annotations

@@ -62,10 +62,17 @@ BACKENDS = backend_params(op="mlp")
 # fp64 oracle with the tolerance widened by twice torch's own fp32 error on the same draw, as
 # fp16/bf16 results are; fp64 keeps the table's tolerance.
 ILL_CONDITIONED = {"deep-odd"}
+# Wider than the C++ CPU kernel's block of 16384 elements holds 128 rows of: its blocks are then
+# 128 rows (csrc/mlp.cpp, kMinBlockRows), the last one partial at 300 rows. Run by the C++ tests
+# below only (the other backends take them layer by layer).
+WIDE_CONFIGS = {
+    "wide-bn": ((131, 257, 129, 3), "relu", "none", [True, False], [True, False, True], True),
+    "wide-eval": ((200, 1000, 3), "tanh", "none", [True], [True, True], False),
+}
 
 
 def _make(config, dtype, seed, rows=13):
-    widths, act, out_act, bn, has_b, training = CONFIGS[config]
+    widths, act, out_act, bn, has_b, training = {**CONFIGS, **WIDE_CONFIGS}[config]
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape, scale=1.0):
@@ -178,11 +185,15 @@ def test_parity_low_precision(dtype, config, backend):
 
 
 # Rows that split into several blocks of the C++ CPU kernel (csrc/mlp.cpp: blocks of 16384
-# elements of the widest layer, whole-batch statistics merged across blocks; the weight gradient in
-# chunks of 16384 rows): 2053 rows of width 17 are 3 blocks, 16411 rows 2 chunks. (Not deep-odd:
-# in fp64 at 2053 rows its bias gradients before batch norm, 0 in exact arithmetic, are rounding
-# noise of 3e-10, above the fp64 tolerance whatever computes them.)
-MANY_BLOCKS = [("relu", 2053), ("leaky-bn", 2053), ("tanh-bn-some", 16411), ("relu-bn-eval", 16411)]
+# elements of the widest layer, at least 128 rows, whole-batch statistics merged across blocks; the
+# weight gradient in chunks of 16384 rows): 2053 rows of width 17 are 3 blocks, 300 rows of width
+# 257 or 1000 3 blocks of 128, 128 and 44 rows, 16411 rows 2 chunks. (Not deep-odd: in fp64 at 2053
+# rows its bias gradients before batch norm, 0 in exact arithmetic, are rounding noise of 3e-10,
+# above the fp64 tolerance whatever computes them.)
+MANY_BLOCKS = [
+    ("relu", 2053), ("leaky-bn", 2053), ("wide-bn", 300), ("wide-eval", 300),
+    ("tanh-bn-some", 16411), ("relu-bn-eval", 16411),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("config,rows", MANY_BLOCKS)
@@ -340,7 +351,7 @@ def test_triton_fused_forward_limits(monkeypatch):
         assert calls == [1, 2]
 
 
-@pytest.mark.parametrize("config", ["deep-odd", "leaky-bn", "tanh-bn-some"])
+@pytest.mark.parametrize("config", ["deep-odd", "leaky-bn", "tanh-bn-some", "wide-bn"])
 def test_same_bits_on_any_thread_count(config):
     """The C++ CPU kernel splits work by shape alone and adds partial sums in a fixed order."""
     kw = _make(config, torch.float32, 4, rows=4099)
