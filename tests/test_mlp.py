@@ -491,6 +491,28 @@ def test_fused_mlp_is_a_drop_in(backend, momentum):
     fused.load_state_dict(plain.state_dict())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_mlp_batch_norms_of_different_momenta(backend):
+    """Each batch norm keeps its own momentum (a number, or None: the cumulative average over the
+    batches it counted) and its own counter: the same buffers, step by step, as nn.Sequential's."""
+    torch.manual_seed(3)
+    plain = nn.Sequential(
+        nn.Linear(5, 8), nn.BatchNorm1d(8, momentum=None), nn.ReLU(),
+        nn.Linear(8, 6), nn.BatchNorm1d(6, momentum=0.3), nn.ReLU(),
+        nn.Linear(6, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2),
+    )  # fmt: skip
+    fused = hpml_ops.nn.FusedMLP(*_copy(plain), backend=backend)
+    for step in range(3):
+        x = torch.randn(9, 5)
+        plain(x).sum().backward()
+        fused(x).sum().backward()
+        got, want = fused.state_dict(), plain.state_dict()
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, atol=1e-6, rtol=1e-5, msg=f"{k}, step {step}")
+    assert fused[1].num_batches_tracked.item() == 3 and fused[4].num_batches_tracked.item() == 3
+
+
 def test_fused_mlp_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="FusedMLP: expected Linear"):
         hpml_ops.nn.FusedMLP(nn.Linear(3, 4), nn.ReLU(), nn.Dropout(), nn.Linear(4, 1))

@@ -402,24 +402,31 @@ def _empty(cache: dict, input: Tensor) -> Tensor:
 
 def _momenta(bns) -> list[float]:
     """``_BatchNorm.forward``'s bookkeeping for each batch norm (0.0 where a layer has none):
-    count the batch (one ``_foreach_add_`` for all), return the averaging factors."""
-    counted = [
-        bn.num_batches_tracked
-        for bn in bns
-        if bn is not None and bn.training and bn.track_running_stats
-        and bn.num_batches_tracked is not None
-    ]  # fmt: skip
-    if counted:
-        with torch.no_grad():
-            torch._foreach_add_(counted, 1)
-    out = []
+    count the batch (one ``_foreach_add_`` for all), return the averaging factors. One pass over
+    the modules, their counters read from ``_buffers`` (``Module.__getattr__`` costs ~0.5 us a
+    time), under ``no_grad`` only where a counter requires grad (torch's are integer tensors, which
+    autograd never records; ``no_grad`` costs ~1.3 us)."""
+    out, counted, cumulative = [], [], []
     for bn in bns:
         if bn is None:
             out.append(0.0)
-        elif bn.momentum is not None:
+            continue
+        n = _tensor(bn, "num_batches_tracked")
+        counting = bn.training and bn.track_running_stats and n is not None
+        if counting:
+            counted.append(n)
+        if bn.momentum is not None:
             out.append(bn.momentum)
-        elif bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            out.append(1.0 / float(bn.num_batches_tracked))
         else:
+            if counting:  # a cumulative average: 1 / the count after this batch's
+                cumulative.append((len(out), n))
             out.append(0.0)
+    if counted:
+        if any(t.requires_grad for t in counted):  # a counter made float and trainable
+            with torch.no_grad():
+                torch._foreach_add_(counted, 1)
+        else:
+            torch._foreach_add_(counted, 1)
+    for k, n in cumulative:
+        out[k] = 1.0 / float(n)
     return out
