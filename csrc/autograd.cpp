@@ -67,6 +67,22 @@ bool records(const Ts&... ts) {
   return at::GradMode::is_enabled() && (tracked(ts) || ...);
 }
 
+// torch's batch norm is not differentiable with respect to its running statistics and refuses
+// ones that require grad (native_batch_norm: "... This input cannot have requires_grad True."),
+// in training and in eval; ours give the same error before anything runs (their gradient would
+// otherwise be None without a word). `what` names the argument (in a list, with the layer).
+void check_running_stat(const char* op, const at::Tensor& t, const std::string& what) {
+  TORCH_CHECK(!(t.defined() && t.requires_grad()), "The function '", op,
+              "' is not differentiable with respect to argument '", what,
+              "'. This input cannot have requires_grad True.");
+}
+void check_running_stats(const char* op, at::TensorList means, at::TensorList vars) {
+  for (size_t i = 0; i < means.size(); ++i)
+    check_running_stat(op, means[i], "running_means[" + std::to_string(i) + "]");
+  for (size_t i = 0; i < vars.size(); ++i)
+    check_running_stat(op, vars[i], "running_vars[" + std::to_string(i) + "]");
+}
+
 // The ReLU / leaky ReLU bit mask (uint8 (M, ceil(N / 8)), bit j % 8 of byte j / 8) as bool (M, N).
 at::Tensor unpack_mask(const at::Tensor& mask, int64_t n) {
   const auto shifts = at::arange(8, mask.options());
@@ -314,6 +330,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_autograd(
     at::AutoDispatchBelowADInplaceOrView guard;
     return op.call(input, weight, bias, running_mean, running_var, training, eps, activation);
   }
+  check_running_stat("hpml::batch_norm", running_mean.value_or(at::Tensor()), "running_mean");
+  check_running_stat("hpml::batch_norm", running_var.value_or(at::Tensor()), "running_var");
   auto r = BatchNormFn::apply(input, weight, bias, running_mean, running_var, training, eps,
                               activation);
   return {r[0], r[1], r[2], r[3]};
@@ -534,6 +552,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_autograd(
     return op.call(input, weights, biases, batch_norm, bn_weights, bn_biases, running_means,
                    running_vars, training, eps, activation, negative_slope, output_activation);
   }
+  check_running_stats("hpml::mlp", running_means, running_vars);
   variable_list r = MlpFn::apply(input, weights, biases, batch_norm, bn_weights, bn_biases,
                                  running_means, running_vars, training, eps, activation,
                                  negative_slope, output_activation);
@@ -656,6 +675,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> mlp_bce_with_logits_
                    bn_weights, bn_biases, running_means, running_vars, training, eps,
                    activation, negative_slope);
   }
+  check_running_stats("hpml::mlp_bce_with_logits", running_means, running_vars);
   variable_list r = MlpBceFn::apply(input, target, weight, pos_weight, reduction, weights,
                                     biases, batch_norm, bn_weights, bn_biases, running_means,
                                     running_vars, training, eps, activation, negative_slope);

@@ -186,6 +186,72 @@ def test_batch_norm_argument_errors_as_torch(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_running_statistics_that_require_grad_as_torch(backend):
+    """torch's batch norm is not differentiable with respect to its running statistics: with one
+    that requires grad it raises (training and eval) wherever autograd records, and runs under
+    no_grad. Ours the same, for batch_norm, the modules and the whole-MLP ops (naming the
+    layer's list entry), before any statistic moves; not a gradient silently None."""
+    torch.manual_seed(2)
+    x = torch.randn(6, 3, device=DEVICE)
+    words = "is not differentiable with respect to argument '{}'. This input cannot have"
+    for name in ("running_mean", "running_var"):
+        for training in (True, False):
+            stats = {
+                "running_mean": torch.zeros(3, device=DEVICE),
+                "running_var": torch.ones(3, device=DEVICE),
+            }
+            stats[name].requires_grad_(True)
+            with pytest.raises(RuntimeError, match=re.escape(words.format(name))):
+                F.batch_norm(x, **stats, training=training)
+            with hpml_ops.use_backend(backend):
+                with pytest.raises(RuntimeError, match=re.escape(words.format(name))):
+                    hpml_ops.batch_norm(x, **stats, training=training)
+                with torch.no_grad():
+                    got = hpml_ops.batch_norm(x, **stats, training=training)
+            with torch.no_grad():
+                want = F.batch_norm(
+                    x, **{k: v.clone() for k, v in stats.items()}, training=training
+                )
+            torch.testing.assert_close(got, want)
+    plain = nn.Sequential(
+        nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3), nn.BatchNorm1d(3),
+        nn.ReLU(), nn.Linear(3, 2),
+    ).to(DEVICE)  # fmt: skip
+    plain[4].running_var.requires_grad_(True)
+    x, y = torch.randn(7, 4, device=DEVICE), torch.rand(7, 2, device=DEVICE)
+    for fused in (
+        hpml_ops.nn.FusedMLP(*copy.deepcopy(plain), backend=backend),
+        hpml_ops.convert(copy.deepcopy(plain), backend=backend, fuse_mlp=False),
+    ):
+        ref = copy.deepcopy(plain)
+        before = [t.detach().clone() for t in fused.buffers()]
+        # the whole-MLP ops name the list entry (layer 1's); the reference backend is torch's
+        whole = isinstance(fused, hpml_ops.nn.FusedMLP) and backend != "reference"
+        with pytest.raises(RuntimeError, match=re.escape(words.format("running_var"))):
+            ref(x)
+        with pytest.raises(
+            RuntimeError,
+            match=re.escape(words.format("running_vars[1]" if whole else "running_var")),
+        ):
+            fused(x)
+        if isinstance(fused, hpml_ops.nn.FusedMLP):
+            with pytest.raises(RuntimeError, match="This input cannot have requires_grad True"):
+                fused.bce_with_logits(x, y)
+            with pytest.raises(RuntimeError, match="This input cannot have requires_grad True"):
+                F.binary_cross_entropy_with_logits(ref(x), y)
+        # The batches counted as torch's modules count them (before F.batch_norm raises). Module
+        # by module, the first batch norm's statistics move before the second raises, as torch's;
+        # one op for the whole net raises before any of them moves.
+        for a, b, c in zip(fused.buffers(), ref.buffers(), before, strict=True):
+            if not a.is_floating_point():
+                assert torch.equal(a, b)
+            elif whole:
+                assert torch.equal(a.detach(), c)
+            else:
+                torch.testing.assert_close(a.detach(), b.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_batch_norm_dtype_rules_as_torch(backend):
     """torch's rule for batch norm's weight, bias and statistics: one dtype for all, the input's,
     or float32 for float16/bfloat16 input. Where torch raises, ours raises naming the arguments

@@ -62,9 +62,9 @@ BACKENDS = backend_params(op="mlp")
 # fp64 oracle with the tolerance widened by twice torch's own fp32 error on the same draw, as
 # fp16/bf16 results are; fp64 keeps the table's tolerance.
 ILL_CONDITIONED = {"deep-odd"}
-# Wider than the C++ CPU kernel's block of 16384 elements holds 128 rows of: its blocks are then
-# 128 rows (csrc/mlp.cpp, kMinBlockRows), the last one partial at 300 rows. Run by the C++ tests
-# below only (the other backends take them layer by layer).
+# Layers wider than 128: 16384 elements would be fewer than 128 rows of them, so the C++ CPU
+# kernel's blocks are 128 rows (csrc/mlp.cpp, kMinBlockRows), the last one partial at 300 rows.
+# Run by the C++ tests below only (the other backends take such nets layer by layer).
 WIDE_CONFIGS = {
     "wide-bn": ((131, 257, 129, 3), "relu", "none", [True, False], [True, False, True], True),
     "wide-eval": ((200, 1000, 3), "tanh", "none", [True], [True, True], False),

@@ -91,3 +91,15 @@ def loss_grad(op: str, grad: Tensor, elementwise: bool, like: Tensor, like_name:
         raise RuntimeError(
             f"{op}: expected a one-element grad for a reduced loss, got shape {shape(grad)}"
         )
+
+
+def running_stats_untracked(op: str, named) -> None:
+    """torch's batch norm refuses running statistics that require grad (it is not
+    differentiable with respect to them); the same error for ours (``csrc/autograd.cpp``:
+    check_running_stat, same words). ``named``: (argument name, tensor or None) pairs."""
+    for name, t in named:
+        if isinstance(t, Tensor) and t.requires_grad:
+            raise RuntimeError(
+                f"The function '{op}' is not differentiable with respect to argument '{name}'. "
+                "This input cannot have requires_grad True."
+            )

@@ -192,6 +192,10 @@ def _run(
             check.floating(_OP, input, "input")
             return input.clone()
         check_args(*args, training, eps, code)
+        if torch.is_grad_enabled():  # (the C++ ops' autograd formula checks this itself)
+            check.running_stats_untracked(
+                "hpml::batch_norm", (("running_mean", running_mean), ("running_var", running_var))
+            )
         backend = OP.resolve(input.device, backend)
         call = OP.forward_for(backend)
         if call is None:

@@ -469,10 +469,19 @@ def _vmap_fwd(info, in_dims, *args, op):
     return (out, [t for t, _ in saved]), (out_dim, [d for _, d in saved])
 
 
+def _named_stats(running_means, running_vars) -> list:
+    """(argument name, tensor) of every layer's running statistics, for the error that names one
+    requiring grad."""
+    return [(f"running_means[{i}]", t) for i, t in enumerate(running_means)] + [
+        (f"running_vars[{i}]", t) for i, t in enumerate(running_vars)
+    ]
+
+
 @SPEC.setup_context
 def _setup_context(ctx, inputs, output):
     (input, weights, biases, batch_norm, bn_weights, _, _, _, training, _, act, slope,
      out_act) = inputs  # fmt: skip
+    check.running_stats_untracked("hpml::mlp", _named_stats(inputs[6], inputs[7]))
     out, saved = output
     bn_biases = inputs[5]  # (read only by a second backward: _backward's recomputation)
     ctx.save_for_backward(input, out, *weights, *biases, *bn_weights, *bn_biases, *saved)

@@ -305,7 +305,8 @@ def _fake_bwd(*args):
 @SPEC.setup_context
 def _setup_context(ctx, inputs, output):
     (input, target, weight, pos_weight, reduction, weights, biases, batch_norm, bn_weights,
-     bn_biases, _, _, training, eps, act, slope) = inputs  # fmt: skip
+     bn_biases, r_m, r_v, training, eps, act, slope) = inputs  # fmt: skip
+    check.running_stats_untracked("hpml::mlp_bce_with_logits", _mlp._named_stats(r_m, r_v))
     _, logits, saved = output
     ctx.save_for_backward(input, target, weight, pos_weight, logits, *weights, *biases,
                           *bn_weights, *bn_biases, *saved)  # fmt: skip
