@@ -10,6 +10,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
+#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -56,11 +57,58 @@ const c10::OperatorHandle* onednn_linear_op() {
 // is mostly such calls. From 2^30 multiply-adds (e.g. 1024^3) that overhead is below 0.2%.
 constexpr int64_t kOneDnnMinMacs = int64_t(1) << 30;
 
+// fp32 only. bf16 was tried (2026-12-06, Intel Xeon with AMX): its inner product ran 4096 x 1024
+// -> 1024 with the bias in 2.9-3.0 ms where at::addmm took 3.2-3.4 (the same bits), but its
+// output and scratch come from glibc's heap, and interleaved with eager's bf16 net (bench_mlp
+// `wide`) the process took 3.7x the page faults (137k -> 519k) and both sides ran 1.3-1.5x
+// slower; see benchmarks/NOTES.md.
 bool use_onednn(const at::Tensor& t, int64_t M, int64_t N, int64_t K) {
   // oneDNN rejects empty products (K == 0 fails to create its primitive).
   return t.scalar_type() == at::kFloat && M > 0 && N > 0 && K > 0 &&
          static_cast<double>(M) * N * K >= static_cast<double>(kOneDnnMinMacs) &&
          onednn_linear_op() != nullptr;
+}
+
+// bf16 dW = dZ^T X on a CPU with AMX-BF16: oneDNN's matmul reads dZ^T in place (dZ transposed
+// in memory, its "ba" layout) up to twice as slow as a row-major operand once both sides of dW
+// are 1024 or more; below that it is as fast or faster. Measured on the Intel Xeon with AMX
+// (model 167, 2 threads), linear_act_backward's dW alone (the dZ pass, then the product), in
+// place against dZ^T written out first by the tiles below, for M rows and N = K: N = K = 1024,
+// M = 1024 1.54 / 1.96 ms, 2048 3.63 / 2.75, 4096 7.2-13.9 / 5.6, 8192 15.1 / 13.5; N = K =
+// 2048, M = 1024 6.5 / 4.0, 2048 17-19.5 / 9.1, 4096 33.8 / 19.3, 8192 65.8 / 44.9; but N = K
+// = 512 1.9 / 2.8 at 4096 rows and 3.7 / 6.3 at 8192 (oneDNN's other blockings), 256 about
+// even. So dZ^T is written out where N and K are at least 1024 and the product has at least 2^31
+// multiply-adds. HPML_DW_TRANSPOSE=0 / 1 turns that off / on for every bf16 product (to compare).
+bool transpose_dz_for_dw(at::ScalarType dt, int64_t M, int64_t N, int64_t K) {
+  static const int forced = [] {
+    const char* v = std::getenv("HPML_DW_TRANSPOSE");
+    return v == nullptr ? -1 : (std::string(v) == "1" ? 1 : 0);
+  }();
+  static const bool amx_bf16 = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    const auto it = caps.find("amx_bf16");
+    return it != caps.end() && it->second.isBool() && it->second.toBool();
+  }();
+  if (dt != at::kBFloat16 || M == 0 || N == 0 || K == 0 || forced == 0) return false;
+  return forced == 1 || (amx_bf16 && N >= 1024 && K >= 1024 &&
+                          static_cast<double>(M) * N * K >= static_cast<double>(int64_t(1) << 31));
+}
+
+// dst (cols x rows, row-major) = src (rows x cols, row-major) transposed, by 32 x 32 tiles, each
+// thread a band of the source's columns (rows of dst).
+template <typename scalar_t>
+void transpose_rows(const scalar_t* src, int64_t rows, int64_t cols, scalar_t* dst) {
+  constexpr int64_t kT = 32;
+  at::parallel_for(0, (cols + kT - 1) / kT, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j0 = t * kT;
+      const int nj = static_cast<int>(std::min(kT, cols - j0));
+      for (int64_t i0 = 0; i0 < rows; i0 += kT) {
+        const int ni = static_cast<int>(std::min(kT, rows - i0));
+        transpose_tile16(src + i0 * cols + j0, cols, dst + j0 * rows + i0, rows, ni, nj);
+      }
+    }
+  });
 }
 
 // x (M, K) times w (N, K) transposed, plus b: (M, N). The op reads its operands as dense
@@ -226,6 +274,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
                                     M, N, input.size(1), dw.mutable_data_ptr<scalar_t>(), x.ld,
                                     x.trans);
     });
+  } else if (weight_grad && transpose_dz_for_dw(dt, M, N, input.size(1))) {
+    at::Tensor dzt = empty_cpu_output({N, M}, dt);  // dz is contiguous: ours, or g
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "hpml::linear_act_backward dZ^T (CPU)", [&] {
+      transpose_rows<scalar_t>(dz.const_data_ptr<scalar_t>(), M, N,
+                               dzt.mutable_data_ptr<scalar_t>());
+    });
+    at::mm_out(dw, dzt, input);
   } else if (weight_grad) {
     at::mm_out(dw, dz.t(), input);
   }

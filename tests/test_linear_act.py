@@ -10,6 +10,8 @@ interpreter's bf16 dot is wrong); only a GPU runs the bf16 tensor-core path."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -288,6 +290,64 @@ def test_large_bf16_product(activation, slope):
         (True, True, True),
         names=("input", "weight", "bias"),
     )
+
+
+def test_large_bf16_weight_gradient():
+    """bf16 at 2048 x 1024 -> 1024 (2^31 multiply-adds), where on a CPU with AMX-BF16 the C++
+    backward writes dZ^T out before dW = dZ^T X (oneDNN reads a transposed operand up to twice as
+    slow there; csrc/linear_act.cpp, transpose_dz_for_dw), elsewhere the product reads dZ in
+    place: output and every gradient against float64 with torch's bf16 error as the yardstick."""
+    if DEVICE != "cpu" or "cpp" not in hpml_ops.available_backends("cpu"):
+        pytest.skip("the C++ CPU kernel's large-product path (cpp backend unavailable)")
+    x, w, b = _make((2048, 1024), 1024, torch.bfloat16, seed=47)
+    check_against_oracle(
+        _ours("cpp", "relu"),
+        _torch("relu"),
+        (x, w, b),
+        (True, True, True),
+        names=("input", "weight", "bias"),
+    )
+
+
+_FORCED_TRANSPOSE = """
+import torch, hpml_ops
+from tests.helpers import check_against_oracle, num_threads
+from tests.test_linear_act import _make, _ours, _torch
+for (shape, n), act in zip((((77, 45), 33), ((100, 70), 40), ((64, 32), 96), ((5, 3), 1)),
+                           ("relu", "none", "tanh", "leaky_relu")):
+    x, w, b = _make(shape, n, torch.bfloat16, seed=shape[0])
+    check_against_oracle(_ours("cpp", act), _torch(act), (x, w, b), (False, True, True),
+                         names=("input", "weight", "bias"))
+    grads = []
+    for threads in (1, 2):
+        with num_threads(threads):
+            leaf = w.detach().requires_grad_(True)
+            _ours("cpp", act)(x, leaf, b).backward(torch.ones(shape[0], n, dtype=torch.bfloat16))
+            grads.append(leaf.grad)
+    assert torch.equal(*grads), (shape, n, act)
+print("ok")
+"""
+
+
+def test_bf16_weight_gradient_through_forced_transpose():
+    """The transposed-dZ path of the bf16 weight gradient on any CPU and shape: a fresh process
+    with HPML_DW_TRANSPOSE=1 (read once per process), shapes whose edges cut the 32 x 32 tiles of
+    the transposition (77 rows, 100 rows, 33 and 1 column), dW and db against float64 with
+    torch's bf16 error as the yardstick, dW the same bits on 1 and 2 threads."""
+    if DEVICE != "cpu" or "cpp" not in hpml_ops.available_backends("cpu"):
+        pytest.skip("the C++ CPU kernel's weight gradient (cpp backend unavailable)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "HPML_BACKEND"}
+    env["HPML_DW_TRANSPOSE"] = "1"
+    r = subprocess.run(
+        [sys.executable, "-c", _FORCED_TRANSPOSE],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=300,
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("slope", [0.2, -0.5])
