@@ -325,20 +325,31 @@ for (shape, n), act in zip((((77, 45), 33), ((100, 70), 40), ((64, 32), 96), ((5
             _ours("cpp", act)(x, leaf, b).backward(torch.ones(shape[0], n, dtype=torch.bfloat16))
             grads.append(leaf.grad)
     assert torch.equal(*grads), (shape, n, act)
-print("ok")
+print("ok", hpml_ops.cpu_capability())
 """
 
 
-def test_bf16_weight_gradient_through_forced_transpose():
-    """The transposed-dZ path of the bf16 weight gradient on any CPU and shape: a fresh process
-    with HPML_DW_TRANSPOSE=1 (read once per process), shapes whose edges cut the 32 x 32 tiles of
-    the transposition (77 rows, 100 rows, 33 and 1 column), dW and db against float64 with
-    torch's bf16 error as the yardstick, dW the same bits on 1 and 2 threads."""
+@pytest.mark.parametrize("isa", ["DEFAULT", "AVX2", "AVX512"])
+def test_bf16_weight_gradient_forced_transpose_each_isa(isa):
+    """The transposed-dZ path of the bf16 weight gradient on any CPU and shape, in each ISA
+    variant of the kernels (the AVX-512 one transposes with ATen's transpose_mxn, the others with
+    a plain loop): a fresh process with HPML_DW_TRANSPOSE=1 (read once per process) and
+    ATEN_CPU_CAPABILITY set, shapes whose edges cut the 32 x 32 tiles of the transposition (77
+    rows, 100 rows, 33 and 1 column), dW and db against float64 with torch's bf16 error as the
+    yardstick, dW the same bits on 1 and 2 threads."""
     if DEVICE != "cpu" or "cpp" not in hpml_ops.available_backends("cpu"):
         pytest.skip("the C++ CPU kernel's weight gradient (cpp backend unavailable)")
+    from hpml_ops import _backend
+
+    order = ("DEFAULT", "AVX2", "AVX512")
+    cap = torch.backends.cpu.get_cpu_capability()
+    if isa not in _backend._C.cpu_capabilities_built() or order.index(isa) > order.index(
+        cap if cap in order else "DEFAULT"
+    ):
+        pytest.skip(f"the {isa} variant is not built or above this CPU's capability ({cap})")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "HPML_BACKEND"}
-    env["HPML_DW_TRANSPOSE"] = "1"
+    env.update(HPML_DW_TRANSPOSE="1", ATEN_CPU_CAPABILITY=isa.lower())
     r = subprocess.run(
         [sys.executable, "-c", _FORCED_TRANSPOSE],
         capture_output=True,
@@ -347,7 +358,7 @@ def test_bf16_weight_gradient_through_forced_transpose():
         cwd=root,
         timeout=300,
     )
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+    assert r.returncode == 0 and r.stdout.strip().endswith(f"ok {isa}"), r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("slope", [0.2, -0.5])
