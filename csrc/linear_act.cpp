@@ -276,10 +276,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
     });
   } else if (weight_grad && transpose_dz_for_dw(dt, M, N, input.size(1))) {
     at::Tensor dzt = empty_cpu_output({N, M}, dt);  // dz is contiguous: ours, or g
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(dt, "hpml::linear_act_backward dZ^T (CPU)", [&] {
-      transpose_rows<scalar_t>(dz.const_data_ptr<scalar_t>(), M, N,
-                               dzt.mutable_data_ptr<scalar_t>());
-    });
+    transpose_rows<at::BFloat16>(dz.const_data_ptr<at::BFloat16>(), M, N,  // bf16 only
+                                 dzt.mutable_data_ptr<at::BFloat16>());
     at::mm_out(dw, dzt, input);
   } else if (weight_grad) {
     at::mm_out(dw, dz.t(), input);

@@ -124,6 +124,59 @@ def test_linear_act_in_every_variant(variant, shape, activation, dtype):
     check_against_oracle(ours, ref, [x, w, b], [True, True, True], names=("x", "w", "b"))
 
 
+# Run by test_bf16_weight_gradient_transposed_in_every_variant in a fresh process (the
+# environment variable is read once per process), for each variant named in argv.
+_FORCED_TRANSPOSE = """
+import sys, torch, hpml_ops
+from hpml_ops import _backend
+from tests.helpers import check_against_oracle, num_threads
+for variant in sys.argv[1:]:
+    _backend._C._force_cpu_capability(variant)
+    for (xs, n), act in zip((((77, 45), 33), ((100, 70), 40), ((64, 32), 96), ((5, 3), 1)),
+                            ("relu", "none", "tanh", "leaky_relu")):
+        g = torch.Generator().manual_seed(xs[0])
+        x = torch.randn(xs, generator=g).bfloat16()
+        w = (torch.randn(n, xs[1], generator=g) / xs[1] ** 0.5).bfloat16()
+        b = torch.randn(n, generator=g).bfloat16()
+
+        def ours(x, w, b):
+            with hpml_ops.use_backend("cpp"):
+                return hpml_ops.linear_act(x, w, b, act)
+
+        def ref(x, w, b):
+            return hpml_ops.reference.linear_act(x, w, b, act)
+
+        check_against_oracle(ours, ref, (x, w, b), (False, True, True), names=("x", "w", "b"))
+        grads = []
+        for threads in (1, 2):
+            with num_threads(threads):
+                leaf = w.detach().requires_grad_(True)
+                ours(x, leaf, b).backward(torch.ones(xs[0], n, dtype=torch.bfloat16))
+                grads.append(leaf.grad)
+        assert torch.equal(*grads), (variant, xs, n, act)
+    print("ok", hpml_ops.cpu_capability())
+"""
+
+
+def test_bf16_weight_gradient_transposed_in_every_variant():
+    """The bf16 weight gradient through dZ^T written out first (csrc/linear_act.cpp,
+    transpose_dz_for_dw; on its own only on an AMX CPU for large products), forced for any shape
+    with HPML_DW_TRANSPOSE=1, in each variant (the AVX-512 one transposes with ATen's
+    transpose_mxn, the others with a plain loop): shapes whose edges cut the 32 x 32 tiles (77
+    and 100 rows, 33 and 1 column), dW and db against float64 with torch's bf16 error as the
+    yardstick, dW the same bits on 1 and 2 threads."""
+    r = subprocess.run(
+        [sys.executable, "-c", _FORCED_TRANSPOSE, *RUNNABLE],
+        env={**os.environ, "HPML_DW_TRANSPOSE": "1"},
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split() == [w for v in RUNNABLE for w in ("ok", v)], r.stdout
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_bce_in_every_variant(variant, reduction, dtype):

@@ -10,8 +10,6 @@ interpreter's bf16 dot is wrong); only a GPU runs the bf16 tensor-core path."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -307,58 +305,6 @@ def test_large_bf16_weight_gradient():
         (True, True, True),
         names=("input", "weight", "bias"),
     )
-
-
-_FORCED_TRANSPOSE = """
-import torch, hpml_ops
-from tests.helpers import check_against_oracle, num_threads
-from tests.test_linear_act import _make, _ours, _torch
-for (shape, n), act in zip((((77, 45), 33), ((100, 70), 40), ((64, 32), 96), ((5, 3), 1)),
-                           ("relu", "none", "tanh", "leaky_relu")):
-    x, w, b = _make(shape, n, torch.bfloat16, seed=shape[0])
-    check_against_oracle(_ours("cpp", act), _torch(act), (x, w, b), (False, True, True),
-                         names=("input", "weight", "bias"))
-    grads = []
-    for threads in (1, 2):
-        with num_threads(threads):
-            leaf = w.detach().requires_grad_(True)
-            _ours("cpp", act)(x, leaf, b).backward(torch.ones(shape[0], n, dtype=torch.bfloat16))
-            grads.append(leaf.grad)
-    assert torch.equal(*grads), (shape, n, act)
-print("ok", hpml_ops.cpu_capability())
-"""
-
-
-@pytest.mark.parametrize("isa", ["DEFAULT", "AVX2", "AVX512"])
-def test_bf16_weight_gradient_forced_transpose_each_isa(isa):
-    """The transposed-dZ path of the bf16 weight gradient on any CPU and shape, in each ISA
-    variant of the kernels (the AVX-512 one transposes with ATen's transpose_mxn, the others with
-    a plain loop): a fresh process with HPML_DW_TRANSPOSE=1 (read once per process) and
-    ATEN_CPU_CAPABILITY set, shapes whose edges cut the 32 x 32 tiles of the transposition (77
-    rows, 100 rows, 33 and 1 column), dW and db against float64 with torch's bf16 error as the
-    yardstick, dW the same bits on 1 and 2 threads."""
-    if DEVICE != "cpu" or "cpp" not in hpml_ops.available_backends("cpu"):
-        pytest.skip("the C++ CPU kernel's weight gradient (cpp backend unavailable)")
-    from hpml_ops import _backend
-
-    order = ("DEFAULT", "AVX2", "AVX512")
-    cap = torch.backends.cpu.get_cpu_capability()
-    if isa not in _backend._C.cpu_capabilities_built() or order.index(isa) > order.index(
-        cap if cap in order else "DEFAULT"
-    ):
-        pytest.skip(f"the {isa} variant is not built or above this CPU's capability ({cap})")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "HPML_BACKEND"}
-    env.update(HPML_DW_TRANSPOSE="1", ATEN_CPU_CAPABILITY=isa.lower())
-    r = subprocess.run(
-        [sys.executable, "-c", _FORCED_TRANSPOSE],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-        timeout=300,
-    )
-    assert r.returncode == 0 and r.stdout.strip().endswith(f"ok {isa}"), r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("slope", [0.2, -0.5])

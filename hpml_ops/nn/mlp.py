@@ -11,7 +11,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from ..constants import ACTIVATIONS
 from ..ops.bce_with_logits import _bce_with_logits
-from ..ops.mlp import run
+from ..ops.mlp import run, untracked
 from ..ops.mlp_bce_with_logits import fusable_loss, reduction_code
 from ..ops.mlp_bce_with_logits import run as run_loss
 from ._common import check_backend
@@ -421,12 +421,8 @@ def _momenta(bns) -> list[float]:
             if counting:  # a cumulative average: 1 / the count after this batch's
                 cumulative.append((len(out), n))
             out.append(0.0)
-    if counted:
-        if any(t.requires_grad for t in counted):  # a counter made float and trainable
-            with torch.no_grad():
-                torch._foreach_add_(counted, 1)
-        else:
-            torch._foreach_add_(counted, 1)
+    if counted:  # (a counter that requires grad: one made float and trainable)
+        untracked(any(t.requires_grad for t in counted), torch._foreach_add_, counted, 1)
     for k, n in cumulative:
         out[k] = 1.0 / float(n)
     return out

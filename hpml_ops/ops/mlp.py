@@ -365,13 +365,18 @@ def _update_running_stats(saved, flags, running_means, running_vars, momenta) ->
         same = same and momenta[i] == weights[0] and rm.dtype == rv.dtype == running[0].dtype
         tracked = tracked or rm.requires_grad or rv.requires_grad
         tracked = tracked or mean.requires_grad or var.requires_grad
-    if not running:
-        return
+    if running:
+        untracked(tracked, _lerp, running, batch, weights, same)
+
+
+def untracked(tracked: bool, fn, *args) -> None:
+    """``fn(*args)`` outside autograd, as torch's batch-norm bookkeeping: under ``no_grad`` only
+    where ``tracked`` (a tensor involved requires grad); ``no_grad`` costs ~1.3 us a call."""
     if tracked:
         with torch.no_grad():
-            _lerp(running, batch, weights, same)
+            fn(*args)
     else:
-        _lerp(running, batch, weights, same)
+        fn(*args)
 
 
 def _lerp(running, batch, weights, same: bool) -> None:
