@@ -10,9 +10,12 @@
 // depends on the shapes alone (never on the thread count), and every sum over rows is taken per
 // block and added in block order: the same bits on any number of threads.
 //
-// Other nets run layer by layer through the library's ops (mlp_layers, csrc/mlp.h): fp16/bf16,
-// an empty batch or layer, and products of 2^30 multiply-adds and more, where linear_act's oneDNN
-// forward is faster than a blocked sgemm; HPML_MLP_KERNEL=layers sends every net there (to compare).
+// fp16/bf16 nets of small products (below 2^22 multiply-adds each) run the same kernel in fp32 on
+// widened operands, each layer's outputs rounded to the net's dtype as they are made
+// (reduced_native). Other nets run layer by layer through the library's ops (mlp_layers,
+// csrc/mlp.h): larger fp16/bf16 ones (oneDNN's AMX/AVX512-BF16 products), an empty batch or
+// layer, and products of 2^30 multiply-adds and more, where linear_act's oneDNN forward is faster
+// than a blocked sgemm; HPML_MLP_KERNEL=layers sends every net there (to compare).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -155,6 +158,29 @@ inline Vectorized<T> bn_act_grad(const Vectorized<T>& g, const T* h, const T* au
 
 // ---- the forward ----------------------------------------------------------------------------
 
+// p[0, n) = their values rounded to S (fp16/bf16, round to nearest even) and widened back: an
+// fp16/bf16 net's activations in the fp32 kernel, as eager's layers store them.
+template <typename S>
+void round_through(float* p, int64_t n) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t V = Vec::size();
+  S tmp[V];
+  for (int64_t j = 0; j < n; j += V) {
+    const int64_t c = std::min(V, n - j);
+    store<S>(tmp, Vec::loadu(p + j, c), c);
+    load<S>(tmp, c).store(p + j, c);
+  }
+}
+
+// Rows [r0, r1) of p (N columns) through round_through for dtype rd (nothing for fp32/fp64).
+template <typename T>
+void round_rows(T* p, int64_t r0, int64_t r1, int64_t N, c10::ScalarType rd) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (rd == at::kBFloat16) round_through<at::BFloat16>(p + r0 * N, (r1 - r0) * N);
+    if (rd == at::kHalf) round_through<at::Half>(p + r0 * N, (r1 - r0) * N);
+  }
+}
+
 template <typename T>
 struct FwdLayer {
   int64_t K = 0, N = 0;
@@ -174,7 +200,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> forward_native(
     const at::Tensor& input, at::TensorList weights, OptTensorList biases,
     const c10::List<bool>& batch_norm, OptTensorList bn_weights, OptTensorList bn_biases,
     OptTensorList running_means, OptTensorList running_vars, bool training, double eps,
-    Act act, T slope, Act out_act) {
+    Act act, T slope, Act out_act, c10::ScalarType rd) {
+  // rd: an fp16/bf16 net's dtype (reduced_native), to which every layer's outputs are rounded as
+  // they are made (what eager's layers store and the next one reads); else T's own.
   const int64_t M = input.size(0), L = static_cast<int64_t>(weights.size());
   const auto dt = input.scalar_type();
   const at::TensorOptions acc = at::TensorOptions().dtype(dt);
@@ -247,6 +275,27 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> forward_native(
   const T* xp = x.const_data_ptr<T>();
   const auto layer_in = [&](int64_t i) -> const T* { return i == 0 ? xp : layers[i - 1].out; };
 
+  // An fp16/bf16 net (rd reduced): eager rounds each op's output, so the linear output and the
+  // batch norm's are rounded before the activation, then its output. That order matters for
+  // sigmoid and tanh only (for ReLU, leaky ReLU and none rounding commutes with the activation up
+  // to an ulp of the leaky slope's product, and never changes a sign): their activation runs as a
+  // pass of its own over the rounded rows.
+  const bool reduced = rd != c10::CppTypeToScalarType<T>::value;
+  const bool act_apart = reduced && (act == Act::Sigmoid || act == Act::Tanh);
+  // The batch norm of layer p (mean and scale known) for rows [r0, r1): z to its output.
+  const auto bn_rows = [&](const FwdLayer<T>& p, int64_t r0, int64_t r1) {
+    dispatch_act(act_apart ? Act::None : act, [&](auto a) {
+      bn_apply_rows<T, decltype(a)::value>(p.z, p.out, p.aux, p.mean.data(), p.scale.data(),
+                                           p.beta.data(), r0, r1, p.N, slope);
+    });
+    round_rows(p.out, r0, r1, p.N, rd);
+    if (!act_apart) return;
+    dispatch_act(act, [&](auto a) {
+      epilogue_rows<T, decltype(a)::value>(p.out, nullptr, nullptr, r0, r1, p.N, slope);
+    });
+    round_rows(p.out, r0, r1, p.N, rd);
+  };
+
   // Rows [r0, r1) through layer i, from its input to its output (or, with batch norm in
   // training, to its linear output z).
   const auto run_layer = [&](int64_t i, int64_t r0, int64_t r1) {
@@ -254,15 +303,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> forward_native(
     T* dst = f.bn ? f.z : f.out;
     gemm<T>(false, true, r1 - r0, f.N, f.K, layer_in(i) + r0 * f.K, f.K, f.w, f.K, false,
             dst + r0 * f.N, f.N);
-    dispatch_act(f.bn ? Act::None : f.act, [&](auto a) {
+    const bool apart = reduced && !f.bn && (f.act == Act::Sigmoid || f.act == Act::Tanh);
+    dispatch_act(f.bn || apart ? Act::None : f.act, [&](auto a) {
       epilogue_rows<T, decltype(a)::value>(dst, f.b, f.mask, r0, r1, f.N, slope);
     });
-    if (f.bn && !training) {
-      dispatch_act(act, [&](auto a) {
-        bn_apply_rows<T, decltype(a)::value>(f.z, f.out, f.aux, f.mean.data(), f.scale.data(),
-                                             f.beta.data(), r0, r1, f.N, slope);
+    round_rows(dst, r0, r1, f.N, rd);
+    if (apart) {  // (no mask: sigmoid and tanh's backward reads their output)
+      dispatch_act(f.act, [&](auto a) {
+        epilogue_rows<T, decltype(a)::value>(dst, nullptr, nullptr, r0, r1, f.N, slope);
       });
+      round_rows(dst, r0, r1, f.N, rd);
     }
+    if (f.bn && !training) bn_rows(f, r0, r1);
   };
 
   // Passes: each from a layer up to and including the next batch norm in training.
@@ -278,13 +330,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> forward_native(
     for (int64_t i = first; i < end; ++i) macs += rb * layers[i].K * layers[i].N;
     for_blocks(nblocks, macs, [&](int64_t blk) {
       const int64_t r0 = blk * rb, r1 = std::min(M, r0 + rb);
-      if (pending >= 0) {
-        const FwdLayer<T>& p = layers[pending];
-        dispatch_act(act, [&](auto a) {
-          bn_apply_rows<T, decltype(a)::value>(p.z, p.out, p.aux, p.mean.data(), p.scale.data(),
-                                               p.beta.data(), r0, r1, p.N, slope);
-        });
-      }
+      if (pending >= 0) bn_rows(layers[pending], r0, r1);
       for (int64_t i = first; i < end; ++i) run_layer(i, r0, r1);
       if (stats_layer != nullptr)
         block_moments(stats_layer->z, r0, r1, sn, s1.data() + blk * sn, s2.data() + blk * sn);
@@ -545,7 +591,7 @@ MlpGrads backward_native(const at::Tensor& grad, const at::Tensor& input, const 
     }
     if (want_db) {
       const std::vector<double> s = sum_blocks(db_parts, nblocks, N);
-      gb[i] = from_doubles(s, dt);
+      gb[i] = from_doubles(s, biases[i].scalar_type());  // dt, or an fp16/bf16 net's (below)
     }
     if (want_dw) {
       gw[i] = empty_cpu_output({N, K}, dt);
@@ -618,24 +664,101 @@ bool native(const at::Tensor& input, at::TensorList weights) {
   return true;
 }
 
+// fp16/bf16 nets whose every product is below this many multiply-adds run the whole-network
+// kernel in fp32 (reduced_native): there the layer-by-layer path's cost is per call (oneDNN's
+// reduced-precision primitives, one op call per layer), while larger products are faster on its
+// AMX/AVX512-BF16 kernels than on fp32 sgemm (4096 x 1024 x 1024 bf16: 3.7 ms against 29 ms
+// fp32). bf16 forward + backward against eager, whole-net kernel / layer by layer (Intel Xeon
+// with AMX, 2 threads): 64-64-64-1 + BN at 256 rows (largest product 2^20) 1.34-1.36x /
+// 0.99-1.00x; 2^22 (64-wide at 1024 rows, 128-wide at 256) 0.95-0.99x / 0.91-0.94x; 128-256-
+// 256-10 + BN at 128 rows (8.4 M) 0.88x / 1.01x. HPML_MLP_REDUCED_MACS overrides it (0: never).
+int64_t reduced_macs() {
+  static const int64_t macs = [] {
+    const char* v = std::getenv("HPML_MLP_REDUCED_MACS");
+    return v != nullptr ? std::atoll(v) : int64_t(1) << 22;
+  }();
+  return macs;
+}
+
+// Whether an fp16/bf16 net runs the whole-network kernel in fp32: its operands widened to fp32
+// (exactly), the kernel's fp32 arithmetic (products accumulated in fp32, as oneDNN's), and the
+// activations rounded to the net's dtype where eager's layers round theirs (forward_native's rd),
+// so that each layer reads what eager's would; the backward reads the saved (rounded)
+// activations, as eager's does, but keeps its gradients between layers in fp32 and rounds each
+// result once (more accurate than eager's per-layer rounding).
+bool reduced_native(const at::Tensor& input, at::TensorList weights) {
+  if (input.dim() != 2 || input.device().type() != c10::kCPU ||
+      !at::isReducedFloatingType(input.scalar_type()) || layers_forced() || weights.empty())
+    return false;
+  const int64_t M = input.size(0);
+  for (const at::Tensor& w : weights) {
+    if (w.dim() != 2 || w.scalar_type() != input.scalar_type()) return false;
+    const int64_t N = w.size(0), K = w.size(1);
+    if (!blas_product(at::kFloat, M, N, K)) return false;
+    if (static_cast<double>(M) * N * K >= static_cast<double>(reduced_macs())) return false;
+  }
+  return true;
+}
+
+// ts widened to fp32 (absent entries and other dtypes as they are).
+std::vector<at::Tensor> widened(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const at::Tensor& t : ts)
+    out.push_back(t.defined() && at::isReducedFloatingType(t.scalar_type()) ? t.to(at::kFloat) : t);
+  return out;
+}
+
+at::Tensor narrowed(const at::Tensor& t, c10::ScalarType dt) {
+  return t.defined() && t.scalar_type() == at::kFloat ? t.to(dt) : t;
+}
+
+// The saved tensors of the fp32 kernel as the net's dtype returns them (csrc/mlp.h's layout, what
+// the fake kernel gives): per hidden layer the activation, the aux/z tensors and the empty ones in
+// dt, the batch-norm statistics (entries 3 to 5 of a batch-norm layer) in fp32; masks as they are.
+// widen = true: the other way, for the backward.
+std::vector<at::Tensor> convert_saved(at::TensorList saved, const c10::List<bool>& batch_norm,
+                                      c10::ScalarType dt, bool widen) {
+  std::vector<at::Tensor> out(saved.begin(), saved.end());
+  for (size_t k = 0; k + 1 < out.size(); ++k) {
+    const int64_t layer = static_cast<int64_t>(k) / kMlpSavedPerLayer;
+    const int64_t pos = static_cast<int64_t>(k) % kMlpSavedPerLayer;
+    if (batch_norm.get(layer) && pos >= 3) continue;
+    at::Tensor& t = out[k];
+    if (widen && t.defined() && t.scalar_type() == dt) t = t.to(at::kFloat);
+    if (!widen) t = narrowed(t, dt);
+  }
+  return out;
+}
+
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_cpu(
     const at::Tensor& input, at::TensorList weights, OptTensorList biases,
     const c10::List<bool>& batch_norm, OptTensorList bn_weights, OptTensorList bn_biases,
     OptTensorList running_means, OptTensorList running_vars, bool training, double eps,
     int64_t activation, double negative_slope, int64_t output_activation) {
-  if (!native(input, weights))
+  const bool reduced = reduced_native(input, weights);
+  if (!reduced && !native(input, weights))
     return mlp_layers(input, weights, biases, batch_norm, bn_weights, bn_biases, running_means,
                       running_vars, training, eps, activation, negative_slope, output_activation);
   check_mlp(input, weights, biases, batch_norm, bn_weights, bn_biases, running_means,
             running_vars, training, eps, activation, output_activation);
   const Act act = static_cast<Act>(activation), out_act = static_cast<Act>(output_activation);
+  if (reduced) {
+    // The batch norms' parameters and running statistics are read as values of any dtype.
+    const auto dt = input.scalar_type();
+    auto [y, saved] = forward_native<float>(
+        input.to(at::kFloat), widened(weights), widened(biases), batch_norm, bn_weights,
+        bn_biases, running_means, running_vars, training, eps, act,
+        static_cast<float>(negative_slope), out_act, dt);
+    return {y.to(dt), convert_saved(saved, batch_norm, dt, /*widen=*/false)};
+  }
   if (input.scalar_type() == at::kFloat)
     return forward_native<float>(input, weights, biases, batch_norm, bn_weights, bn_biases,
                                  running_means, running_vars, training, eps, act,
-                                 static_cast<float>(negative_slope), out_act);
+                                 static_cast<float>(negative_slope), out_act, at::kFloat);
   return forward_native<double>(input, weights, biases, batch_norm, bn_weights, bn_biases,
                                 running_means, running_vars, training, eps, act, negative_slope,
-                                out_act);
+                                out_act, at::kDouble);
 }
 
 MlpGrads mlp_backward_cpu(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& output,
@@ -646,7 +769,8 @@ MlpGrads mlp_backward_cpu(const at::Tensor& grad, const at::Tensor& input, const
                           const c10::List<bool>& weight_grads, const c10::List<bool>& bias_grads,
                           const c10::List<bool>& bn_weight_grads,
                           const c10::List<bool>& bn_bias_grads) {
-  if (!native(input, weights))
+  const bool reduced = reduced_native(input, weights);
+  if (!reduced && !native(input, weights))
     return mlp_backward_layers(grad, input, output, weights, biases, batch_norm, bn_weights, saved,
                                training, activation, negative_slope, output_activation,
                                input_grad, weight_grads, bias_grads, bn_weight_grads,
@@ -654,6 +778,35 @@ MlpGrads mlp_backward_cpu(const at::Tensor& grad, const at::Tensor& input, const
   check_mlp_backward(grad, input, output, weights, biases, batch_norm, bn_weights, saved,
                      training, activation, output_activation, weight_grads, bias_grads,
                      bn_weight_grads, bn_bias_grads);
+  if (reduced) {
+    // The fp32 kernel on the widened operands; the gradients of the biases and the batch norms'
+    // parameters come out in their own dtype (rounded once, from the double sums), those of the
+    // input and the weights in fp32, rounded here once.
+    const auto dt = input.scalar_type();
+    const std::vector<at::Tensor> ws = widened(weights);
+    const std::vector<at::Tensor> sv = convert_saved(saved, batch_norm, dt, /*widen=*/true);
+    auto [gx, gw, gb, gbw, gbb] = mlp_backward_cpu_native(
+        grad.to(at::kFloat), input.to(at::kFloat), output.to(at::kFloat), ws, biases, batch_norm,
+        bn_weights, sv, training, activation, negative_slope, output_activation, input_grad,
+        weight_grads, bias_grads, bn_weight_grads, bn_bias_grads, nullptr);
+    // Each gradient (or empty stand-in) in the dtype the op's contract gives it (the fake kernel's):
+    // the net's dtype, a batch norm's parameters' gradients in its weight's dtype.
+    const auto as = [](at::Tensor& t, c10::ScalarType want) {
+      if (t.scalar_type() != want) t = t.to(want);
+    };
+    as(gx, dt);
+    for (size_t i = 0; i < gw.size(); ++i) {
+      as(gw[i], dt);
+      as(gb[i], dt);
+    }
+    for (size_t i = 0; i < gbw.size(); ++i) {
+      const bool own = batch_norm.get(i) && !mlp_absent(bn_weights[i]);
+      const auto wdt = own ? bn_weights[i].scalar_type() : dt;
+      as(gbw[i], wdt);
+      as(gbb[i], wdt);
+    }
+    return {gx, gw, gb, gbw, gbb};
+  }
   return mlp_backward_cpu_native(grad, input, output, weights, biases, batch_norm, bn_weights,
                                  saved, training, activation, negative_slope, output_activation,
                                  input_grad, weight_grads, bias_grads, bn_weight_grads,

@@ -7,7 +7,10 @@ the nn.Sequential it replaces; bad input and edge cases."""
 from __future__ import annotations
 
 import copy
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -184,6 +187,61 @@ def test_parity_low_precision(dtype, config, backend):
     _check(config, dtype, backend, rows=32)
 
 
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_low_precision_small_nets_whole_net_kernel(dtype, config):
+    """fp16/bf16 nets whose products are all under 2^22 multiply-adds run the C++ whole-net kernel
+    in fp32, each layer's outputs rounded to the dtype as they are made (csrc/mlp.cpp,
+    reduced_native): output, every gradient and the running statistics within torch's own error
+    in that dtype of the fp64 oracle, over several blocks of rows (2053 rows of width <= 17: 3
+    blocks; wide-128 at 200 rows, 3.3 M multiply-adds a product)."""
+    _check(config, dtype, "cpp", seed=5, rows=200 if config == "wide-128" else 2053)
+
+
+# Which path a bf16 net takes, seen from its bits: a digest of the output and every gradient
+# per case, compared between a run that sends every bf16 net layer by layer
+# (HPML_MLP_REDUCED_MACS=0) and one with the default limit.
+_BF16_DIGESTS = """
+import hashlib, torch, hpml_ops
+from tests.test_mlp import _leaves, _make, _run
+for config, rows in (("leaky-bn", 300), ("tanh-leaky-out", 300), ("wide-bn", 300)):
+    kw = _make(config, torch.bfloat16, 7, rows=rows)
+    with hpml_ops.use_backend("cpp"):
+        out, grads = _run(hpml_ops.mlp, _leaves(kw), 7)
+    h = hashlib.sha256()
+    for t in (out, *grads):
+        if t is not None:
+            h.update(t.contiguous().view(torch.int16).numpy().tobytes())
+    print(config, h.hexdigest())
+"""
+
+
+def test_low_precision_path_by_product_size():
+    """By default the small bf16 nets take the whole-net kernel (other bits than layer by layer)
+    and wide-bn at 300 rows, whose first product is 300 x 257 x 131 (10.1 M multiply-adds, over
+    the 2^22 limit), goes layer by layer as with HPML_MLP_REDUCED_MACS=0 (the same bits)."""
+    runs = []
+    for macs in (None, "0"):
+        env = {k: v for k, v in os.environ.items() if k != "HPML_MLP_REDUCED_MACS"}
+        if macs is not None:
+            env["HPML_MLP_REDUCED_MACS"] = macs
+        r = subprocess.run(
+            [sys.executable, "-c", _BF16_DIGESTS],
+            env=env,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        runs.append(dict(line.split() for line in r.stdout.splitlines()))
+    default, layers = runs
+    assert set(default) == {"leaky-bn", "tanh-leaky-out", "wide-bn"}
+    assert default["leaky-bn"] != layers["leaky-bn"]
+    assert default["tanh-leaky-out"] != layers["tanh-leaky-out"]
+    assert default["wide-bn"] == layers["wide-bn"]
+
+
 # Rows that split into several blocks of the C++ CPU kernel (csrc/mlp.cpp: blocks of 16384
 # elements of the widest layer, at least 128 rows, whole-batch statistics merged across blocks; the
 # weight gradient in chunks of 16384 rows): 2053 rows of width 17 are 3 blocks, 300 rows of width
@@ -351,10 +409,17 @@ def test_triton_fused_forward_limits(monkeypatch):
         assert calls == [1, 2]
 
 
-@pytest.mark.parametrize("config", ["deep-odd", "leaky-bn", "tanh-bn-some", "wide-bn"])
-def test_same_bits_on_any_thread_count(config):
+# bf16 at 4099 rows of width <= 17: products under 2^22 multiply-adds, the whole-net kernel in fp32
+# (csrc/mlp.cpp, reduced_native).
+@pytest.mark.parametrize(
+    "config,dtype",
+    [(c, torch.float32) for c in ("deep-odd", "leaky-bn", "tanh-bn-some", "wide-bn")]
+    + [(c, torch.bfloat16) for c in ("deep-odd", "leaky-bn")],
+    ids=lambda v: dtype_id(v) if isinstance(v, torch.dtype) else v,
+)
+def test_same_bits_on_any_thread_count(config, dtype):
     """The C++ CPU kernel splits work by shape alone and adds partial sums in a fixed order."""
-    kw = _make(config, torch.float32, 4, rows=4099)
+    kw = _make(config, dtype, 4, rows=4099)
     results = []
     prev = torch.get_num_threads()
     try:
