@@ -36,7 +36,16 @@ import copy
 import sys
 
 import torch
-from common import base_parser, bench_side_by_side, finish, machine, record_flops, sync
+from common import (
+    base_parser,
+    bench_side_by_side,
+    check_names,
+    finish,
+    machine,
+    parse,
+    record_flops,
+    sync,
+)
 from torch import nn
 
 import hpml_ops
@@ -131,22 +140,22 @@ def main(argv=None, name: str = "mlp") -> int:
     )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--backend", default=None, help="cpp on the CPU, triton on a GPU by default")
-    args = p.parse_args(argv)
+    args = parse(p, argv, PROVIDERS, gpu_dtype="float16", modes=MODES)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
     backend = args.backend or ("triton" if device.startswith("cuda") else "cpp")
-    providers = args.providers.split(",") if args.providers else list(PROVIDERS)
-    modes = list(MODES) if args.modes == "fwd,bwd,fwd+bwd" else args.modes.split(",")
+    providers, modes = args.providers, args.modes
     meta = machine(device)
     meta["backend"] = backend
-    on_gpu = device.startswith("cuda")
-    dtype = getattr(torch, args.dtype or ("float16" if on_gpu else "float32"))
+    on_gpu = args.on_gpu
+    dtype = args.dtype
     meta["dtype"] = str(dtype).removeprefix("torch.")
     meta["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     print(meta, flush=True)
     rows = []
     models = args.models.split(",") if args.models else list(GPU_MODELS if on_gpu else CPU_MODELS)
+    check_names(p, "model", models, MODELS)
     for model_name in models:
         widths, bn, batch = MODELS[model_name]
         torch.manual_seed(0)

@@ -43,7 +43,16 @@ import sys
 import time
 
 import torch
-from common import base_parser, bench_side_by_side, env_note, finish, machine, record_flops, sync
+from common import (
+    base_parser,
+    bench_side_by_side,
+    check_names,
+    env_note,
+    finish,
+    machine,
+    record_flops,
+    sync,
+)
 from torch import nn
 
 import hpml_ops
@@ -195,10 +204,8 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype or "float32")
     providers = args.providers.split(",") if args.providers else list(PROVIDERS)
     models = args.models.split(",")
-    for what, names, known in (("provider", providers, PROVIDERS), ("model", models, MODELS)):
-        bad = [n for n in names if n not in known]
-        if bad:
-            p.error(f"unknown {what} {', '.join(bad)}; expected some of {', '.join(known)}")
+    check_names(p, "provider", providers, PROVIDERS)
+    check_names(p, "model", models, MODELS)
 
     meta = machine(device)
     meta["dtype"] = str(dtype).replace("torch.", "")

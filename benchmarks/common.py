@@ -40,10 +40,19 @@ def parse(
     args.on_gpu = args.device.startswith("cuda")
     args.dtype = getattr(torch, args.dtype or (gpu_dtype if args.on_gpu else "float32"))
     args.providers = args.providers.split(",") if args.providers else list(providers)
-    if modes is not None and args.modes == DEFAULT_MODES:
-        args.modes = ",".join(modes)
-    args.modes = args.modes.split(",")
+    known_modes = tuple(modes) if modes is not None else tuple(DEFAULT_MODES.split(","))
+    args.modes = args.modes.split(",") if args.modes else list(known_modes)
+    check_names(p, "provider", args.providers, providers)
+    check_names(p, "mode", args.modes, known_modes)
     return args
+
+
+def check_names(p: argparse.ArgumentParser, what: str, names, known) -> None:
+    """Exit with a usage error naming any of ``names`` not in ``known`` (an unknown provider
+    would otherwise run as plain PyTorch under its name)."""
+    bad = [n for n in names if n not in known]
+    if bad:
+        p.error(f"unknown {what} {', '.join(bad)}; expected some of {', '.join(known)}")
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -51,7 +60,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 on CPU; bfloat16 on a GPU by default")
     p.add_argument("--providers", default=None, help="comma-separated subset of the providers")
-    p.add_argument("--modes", default=DEFAULT_MODES)
+    p.add_argument("--modes", default=None, help="comma-separated subset of the modes")
     p.add_argument("--min-time", type=float, default=0.5, help="CPU: seconds of repeats per row")
     p.add_argument("--out", default=str(RESULTS), help="directory for the CSV/JSON/markdown")
     p.add_argument("--tag", default="", help="suffix of the result file names")
