@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import hpml_ops
-from hpml_ops import _backend
+from hpml_ops import _backend, constants
 from tests.helpers import check_against_oracle, num_threads
 
 pytestmark = pytest.mark.skipif(
@@ -175,6 +175,32 @@ def test_bf16_weight_gradient_transposed_in_every_variant():
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.split() == [w for v in RUNNABLE for w in ("ok", v)], r.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fp16_bf16_relu_epilogue_in_every_variant(variant, dtype):
+    """linear_act's fp16/bf16 ReLU forward (csrc/cpu_epilogue.h, relu16_row: on the 16-bit patterns,
+    32 lanes on AVX-512 with a masked tail, 16 on AVX2, a scalar loop in DEFAULT and for tails):
+    every row a copy of one value (x (M, 1) times a weight of ones), the special values included
+    (+-0, +-inf, NaN of either sign, subnormals, the largest finite), at widths across the vector
+    and tail sizes: the output is torch's relu of the product (NaN where it is NaN, +-0 equal) and
+    the mask has a row's bits set exactly where the product is > 0 or NaN."""
+    special = [0.0, -0.0, 1.0, -1.0, float("inf"), -float("inf"), float("nan"), -float("nan")]
+    special += [1e-40 if dtype == torch.bfloat16 else 1e-7, -1e-7, 65504.0, -65504.0, 3.0, -2.5]
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.tensor(special), torch.randn(20, generator=g)]).to(dtype).reshape(-1, 1)
+    for n in (1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 64, 70, 120, 129):
+        w = torch.ones(n, 1, dtype=dtype)
+        y, mask = torch.ops.hpml.linear_act(x, w, None, constants.ACTIVATIONS["relu"], 0.0)
+        z = (x @ w.t()).float()
+        assert torch.equal(y.isnan(), z.isnan()), n
+        assert torch.equal(y[~y.isnan()].float(), torch.relu(z)[~z.isnan()]), n
+        bits = ((z > 0) | z.isnan()).to(torch.uint8)
+        want = torch.zeros(x.shape[0], constants.mask_row_bytes(n) * 8, dtype=torch.uint8)
+        want[:, :n] = bits
+        weights = 2 ** torch.arange(8, dtype=torch.int32)
+        packed = (want.reshape(x.shape[0], -1, 8).int() * weights).sum(-1).to(torch.uint8)
+        assert torch.equal(mask, packed), n
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
