@@ -124,7 +124,16 @@ def machine(device: str) -> dict:
         info["hpml_cpu_isa"] = hpml_ops.cpu_capability()
     except ImportError:
         info["hpml_cpu_isa"] = None
+    # What limits the libraries below the CPU's ISA (a machine made to act as an AVX2-only one):
+    # named in the results where set.
+    for var in ISA_LIMITS:
+        if os.environ.get(var):
+            info[var] = os.environ[var]
     return info
+
+
+# Environment variables that limit torch's, MKL's and oneDNN's instruction sets.
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
 
 def sync(device: str) -> None:

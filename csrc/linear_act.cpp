@@ -10,6 +10,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
+#include <ATen/Context.h>
 #include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
@@ -94,6 +95,44 @@ bool transpose_dz_for_dw(at::ScalarType dt, int64_t M, int64_t N, int64_t K) {
                           static_cast<double>(M) * N * K >= static_cast<double>(int64_t(1) << 31));
 }
 
+// Whether an fp16/bf16 product runs in fp32 here: its operands widened (exactly), the fp32 op's
+// products (tiled sgemm, the same bits on any thread count), each result rounded once to the
+// dtype, as torch's fp32-accumulating bf16/fp16 GEMMs round theirs. Chosen where torch's own
+// fp16/bf16 products do not run on oneDNN: a CPU without AVX-512 for bf16, without AVX512-FP16 or
+// AMX-FP16 for fp16 (torch's mkldnn::_is_mkldnn_bf16_supported / _is_mkldnn_fp16_supported, which
+// honour ONEDNN_MAX_CPU_ISA), or torch.backends.mkldnn turned off. There at::mm runs ATen's own
+// reduced-precision GEMM loops, slowest for dZ W: on the Intel Xeon with ATEN_CPU_CAPABILITY=avx2
+// and oneDNN off, bf16 1024 x 1024 x 1024 took 2175 ms for dZ W, 148 ms for dZ^T X and 58 ms for
+// x W^T (1-15 GFLOP/s), where fp32 sgemm runs at ~200 GFLOP/s (benchmarks/NOTES.md).
+// HPML_REDUCED_GEMM=fp32 / native forces one way (to compare and to test).
+bool reduced_in_fp32(c10::ScalarType dt) {
+  if (!at::isReducedFloatingType(dt)) return false;
+  static const int forced = [] {
+    const char* v = std::getenv("HPML_REDUCED_GEMM");
+    if (v == nullptr) return -1;
+    return std::string(v) == "fp32" ? 1 : (std::string(v) == "native" ? 0 : -1);
+  }();
+  if (forced >= 0) return forced == 1;
+  const auto supported = [](const char* name) {
+    const auto op = c10::Dispatcher::singleton().findOp({name, ""});
+    if (!op) return false;  // a torch without oneDNN: ATen's own GEMM
+    torch::jit::Stack stack;
+    op->callBoxed(&stack);
+    return !stack.empty() && stack[0].isBool() && stack[0].toBool();
+  };
+  static const bool bf16 = supported("mkldnn::_is_mkldnn_bf16_supported");
+  static const bool fp16 = supported("mkldnn::_is_mkldnn_fp16_supported");
+  const bool onednn = dt == at::kBFloat16 ? bf16 : fp16;
+  return !(onednn && at::globalContext().userEnabledMkldnn());
+}
+
+at::Tensor as_fp32(const at::Tensor& t) { return t.to(at::kFloat); }
+
+std::optional<at::Tensor> as_fp32(const std::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  return t->to(at::kFloat);
+}
+
 // dst (cols x rows, row-major) = src (rows x cols, row-major) transposed, by 32 x 32 tiles, each
 // thread a band of the source's columns (rows of dst).
 template <typename scalar_t>
@@ -176,7 +215,12 @@ std::tuple<at::Tensor, at::Tensor> linear_act_cpu(const at::Tensor& input, const
   const bool reduced = at::isReducedFloatingType(input.scalar_type());
   const bool onednn = use_onednn(input, M, N, input.size(1));
   at::Tensor out;
-  if (onednn) {
+  if (reduced_in_fp32(input.scalar_type())) {
+    // x W^T + b in fp32 (the fp32 op, no activation), rounded once; the activation below.
+    out = std::get<0>(linear_act_cpu(as_fp32(input), as_fp32(weight), as_fp32(bias),
+                                     static_cast<int64_t>(Act::None), 0.0))
+              .to(input.scalar_type());
+  } else if (onednn) {
     out = onednn_linear(input, weight, has_bias ? bias : std::nullopt);  // bias included
   } else {
     out = empty_cpu_output({M, N}, input.scalar_type());
@@ -254,6 +298,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward_cpu(
         });
   } else if (bias_grad) {
     db.zero_();
+  }
+  if (reduced_in_fp32(dt) && (input_grad || weight_grad)) {
+    // dZ W and dZ^T X in fp32 (the fp32 op with no activation), each rounded once.
+    const auto none = [&](c10::ScalarType t) { return at::empty({0}, input.options().dtype(t)); };
+    auto [dx32, dw32, unused] = linear_act_backward_cpu(
+        as_fp32(dz), as_fp32(input), as_fp32(weight), none(at::kFloat), none(at::kByte),
+        static_cast<int64_t>(Act::None), 0.0, input_grad, weight_grad, false);
+    return {dx32.to(dt), dw32.to(dt), db};
   }
   // dZ W on the BLAS (fp32/fp64: tiled_mm, thread-count invariant; else at::mm), not oneDNN: with
   // a copy of W^T it ran 20% faster at 4096x1024x1024 but with 3x torch's fp32 error (1.5e-5

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -144,3 +147,22 @@ def num_threads(n: int):
         yield
     finally:
         torch.set_num_threads(prev)
+
+
+def digests_in_subprocess(script: str, *args: str, unset=(), **env_vars: str) -> dict:
+    """Run ``script`` (Python source printing "key digest" lines) in a fresh interpreter at the
+    repository root, with the environment variables in ``unset`` removed and ``env_vars`` set;
+    returns key -> digest. For what is read once per process (environment variables read by the
+    C++ kernels, oneDNN's ISA), where a path is told apart by its bits."""
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env.update(env_vars)
+    r = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return dict(line.split() for line in r.stdout.splitlines())

@@ -9,7 +9,9 @@ interpreter's bf16 dot is wrong); only a GPU runs the bf16 tensor-core path."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from tests.helpers import (
     DTYPES,
     backend_params,
     check_against_oracle,
+    digests_in_subprocess,
     dtype_id,
     num_threads,
 )
@@ -305,6 +308,90 @@ def test_large_bf16_weight_gradient():
         (True, True, True),
         names=("input", "weight", "bias"),
     )
+
+
+def no_onednn():
+    """torch's oneDNN turned off inside the block (the flags() context manager: torch's testing
+    utilities freeze the plain setters), its TF32 notice silenced."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+    stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+    return stack
+
+
+def _cpp_cpu_or_skip():
+    if DEVICE != "cpu" or "cpp" not in hpml_ops.available_backends("cpu"):
+        pytest.skip("the C++ CPU kernel's reduced-precision products (cpp backend unavailable)")
+
+
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("shape", [((97, 53), 61), ((130, 300), 70)], ids=["97x53", "130x300"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_fp16_bf16_products_in_fp32_without_onednn(dtype, shape, activation):
+    """With torch's oneDNN turned off (torch.backends.mkldnn, as on a CPU where torch's bf16/fp16
+    GEMM has no oneDNN path), the C++ op widens the operands of its fp16/bf16 products to fp32
+    and rounds each result once (csrc/linear_act.cpp, reduced_in_fp32): output and every gradient
+    against float64, with torch's own error in that dtype (its ATen GEMM, no oneDNN) as the
+    yardstick; a row of NaN included."""
+    _cpp_cpu_or_skip()
+    x, w, b = _make(*shape, dtype, seed=shape[1])
+    x[3] = float("nan")
+    with no_onednn():
+        check_against_oracle(
+            _ours("cpp", activation, 0.2),
+            _torch(activation, 0.2),
+            (x, w, b),
+            (True, True, True),
+            names=("input", "weight", "bias"),
+        )
+
+
+# Digests of linear_act's output and gradients (cpp, CPU) in fp16 and bf16, on 1 and 2 threads,
+# with torch's oneDNN on or off (the first argument).
+_REDUCED_DIGESTS = r"""
+import hashlib, sys
+import torch
+import hpml_ops
+torch.backends.mkldnn.enabled = sys.argv[1] == "on"
+for dtype in (torch.float16, torch.bfloat16):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 257, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(131, 257, generator=g) / 16).to(dtype).requires_grad_()
+    b = torch.randn(131, generator=g).to(dtype).requires_grad_()
+    gy = torch.randn(300, 131, generator=g).to(dtype)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        x.grad = w.grad = b.grad = None
+        with hpml_ops.use_backend("cpp"):
+            y = hpml_ops.linear_act(x, w, b, "relu")
+        y.backward(gy)
+        h = hashlib.sha256()
+        for t in (y, x.grad, w.grad, b.grad):
+            h.update(t.detach().contiguous().view(torch.int16).numpy().tobytes())
+        print(f"{dtype}-{threads}", h.hexdigest())
+"""
+
+
+def _reduced_digests(mkldnn: str, **env_vars: str) -> dict:
+    unset = ("HPML_REDUCED_GEMM", "ONEDNN_MAX_CPU_ISA")
+    return digests_in_subprocess(_REDUCED_DIGESTS, mkldnn, unset=unset, **env_vars)
+
+
+def test_fp16_bf16_product_path():
+    """Which way the C++ op runs its fp16/bf16 products: in fp32 where torch's own have no oneDNN
+    path (oneDNN turned off; oneDNN limited to AVX2 by ONEDNN_MAX_CPU_ISA, as on a CPU without
+    AVX-512) and with HPML_REDUCED_GEMM=fp32, all the same bits, on 1 and 2 threads alike; with
+    HPML_REDUCED_GEMM=native through torch's GEMM (other bits)."""
+    _cpp_cpu_or_skip()
+    off = _reduced_digests("off")
+    assert set(off) == {f"{d}-{n}" for d in ("torch.float16", "torch.bfloat16") for n in (1, 2)}
+    for d in ("torch.float16", "torch.bfloat16"):
+        assert off[f"{d}-1"] == off[f"{d}-2"], f"{d}: other bits on 2 threads"
+    assert _reduced_digests("on", HPML_REDUCED_GEMM="fp32") == off
+    assert _reduced_digests("on", ONEDNN_MAX_CPU_ISA="AVX2") == off
+    native = _reduced_digests("off", HPML_REDUCED_GEMM="native")
+    assert all(native[k] != off[k] for k in off), "HPML_REDUCED_GEMM=native took the fp32 path"
 
 
 @pytest.mark.parametrize("slope", [0.2, -0.5])

@@ -7,10 +7,7 @@ the nn.Sequential it replaces; bad input and edge cases."""
 from __future__ import annotations
 
 import copy
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +16,13 @@ from torch import nn
 import hpml_ops
 from hpml_ops import reference
 from hpml_ops.ops.mlp import OP
-from tests.helpers import DEVICE, assert_close_to_oracle, backend_params, dtype_id
+from tests.helpers import (
+    DEVICE,
+    assert_close_to_oracle,
+    backend_params,
+    digests_in_subprocess,
+    dtype_id,
+)
 
 # name: (widths, activation, output_activation, batch_norm flags, biases per layer, training)
 CONFIGS = {
@@ -222,19 +225,8 @@ def test_low_precision_path_by_product_size():
     the 2^22 limit), goes layer by layer as with HPML_MLP_REDUCED_MACS=0 (the same bits)."""
     runs = []
     for macs in (None, "0"):
-        env = {k: v for k, v in os.environ.items() if k != "HPML_MLP_REDUCED_MACS"}
-        if macs is not None:
-            env["HPML_MLP_REDUCED_MACS"] = macs
-        r = subprocess.run(
-            [sys.executable, "-c", _BF16_DIGESTS],
-            env=env,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert r.returncode == 0, r.stdout + r.stderr
-        runs.append(dict(line.split() for line in r.stdout.splitlines()))
+        extra = {} if macs is None else {"HPML_MLP_REDUCED_MACS": macs}
+        runs.append(digests_in_subprocess(_BF16_DIGESTS, unset=("HPML_MLP_REDUCED_MACS",), **extra))
     default, layers = runs
     assert set(default) == {"leaky-bn", "tanh-leaky-out", "wide-bn"}
     assert default["leaky-bn"] != layers["leaky-bn"]
