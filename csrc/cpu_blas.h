@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/core/Allocator.h>
 #include <c10/core/ScalarType.h>
 
 #include <algorithm>
@@ -14,6 +15,8 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#include "cpu_alloc.h"
 
 // The Fortran BLAS of the torch build (MKL's LP64 interface, or OpenBLAS's), and MKL's per-thread
 // thread count; weak, so that a build without them loads and takes the layer-by-layer path.
@@ -25,6 +28,16 @@ void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc) __attribute__((weak));
 int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));  // mkl_service.h's C entry
+// MKL's packed-operand interface (mkl_blas.h): an operand packed once into MKL's internal layout
+// and used by several products ('P' as its trans argument of sgemm_compute).
+size_t sgemm_pack_get_size_(const char* identifier, const int* m, const int* n, const int* k)
+    __attribute__((weak));
+void sgemm_pack_(const char* identifier, const char* trans, const int* m, const int* n,
+                 const int* k, const float* alpha, const float* src, const int* ld, float* dest)
+    __attribute__((weak));
+void sgemm_compute_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                    const float* a, const int* lda, const float* b, const int* ldb,
+                    const float* beta, float* c, const int* ldc) __attribute__((weak));
 }
 
 namespace hpml {
@@ -148,6 +161,96 @@ void product_tile(const Tiles& t, int64_t i, bool ta, bool tb, int64_t M, int64_
           false, c + m0 * ldc + n0, ldc);
 }
 
+// Per-tile multiply-adds from which the tiles of one column share its operand packed once
+// (below); smaller products keep one plain call per tile (4096 x 256 x 256's 256 x 256 x 256
+// tiles ran its backward 3-5% slower packed).
+constexpr int64_t kPackMacs = int64_t(1) << 26;
+// At most this much packed operand per product (about op(B)'s size): a weight gradient's chunk of
+// 65536 rows x 1024 would otherwise take 256 MB more memory.
+constexpr int64_t kPackMaxBytes = int64_t(64) << 20;
+
+// Whether the column tiles of op(B) are packed once (MKL's sgemm_pack) for the row tiles that
+// share them: each plain tile call packs its own copy of the column, kc x tn at a time, so with
+// 256 x 512 tiles op(B) was packed M / 256 times. fp32 only (the interface this torch exports);
+// HPML_BLAS_PACK=0 turns it off (to compare). Shapes alone decide, as they decide the tiles.
+template <typename T>
+bool pack_columns(const Tiles& t, int64_t N, int64_t K) {
+  static const bool off = [] {
+    const char* v = std::getenv("HPML_BLAS_PACK");
+    return v != nullptr && v[0] == '0';
+  }();
+  if constexpr (!std::is_same_v<T, float>) {
+    return false;
+  } else {
+    return !off && sgemm_pack_get_size_ != nullptr && sgemm_pack_ != nullptr &&
+           sgemm_compute_ != nullptr && t.sm > 1 && t.tm * t.tn * K >= kPackMacs &&
+           N * K * static_cast<int64_t>(sizeof(float)) <= kPackMaxBytes;
+  }
+}
+
+// `products` products of one shape, C_p (M x N, ldc) = op(A_p) op(B_p) over K_p, by the tiles
+// t: each tile one sequential BLAS call over its whole contraction, in parallel. operands(p)
+// gives {K, a, lda, b, ldb, c} of product p. Where pack_columns says so, each product's column
+// tiles of op(B) are packed first (in parallel), then its tiles run on them; the packing depends
+// on the shapes alone, like the tiles.
+template <typename T>
+struct Operands {
+  int64_t K;
+  const T* a;
+  int64_t lda;
+  const T* b;
+  int64_t ldb;
+  T* c;
+};
+
+template <typename T, typename F>
+void tiled_products(const Tiles& t, int64_t products, bool ta, bool tb, int64_t M, int64_t N,
+                    int64_t ldc, const F& operands) {
+  const int64_t k0 = operands(0).K;
+  if (!pack_columns<T>(t, N, k0)) {
+    for_blocks(t.count() * products, t.tm * t.tn * k0, [&](int64_t i) {
+      const Operands<T> o = operands(i / t.count());
+      product_tile(t, i % t.count(), ta, tb, M, N, o.K, o.a, o.lda, o.b, o.ldb, o.c, ldc);
+    });
+    return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    // As gemm(): column-major, C^T = op(B)^T op(A)^T, so op(B)^T is MKL's A operand: a column
+    // tile of C is a row block of it, packed with identifier 'A'.
+    const char id = 'A', trans = tb ? 'T' : 'N', ta_f = ta ? 'T' : 'N', packed = 'P';
+    const int tm = static_cast<int>(t.tm);
+    const auto round_up = [](size_t v) { return (v + 4095) / 4096 * 4096; };
+    for (int64_t p = 0; p < products; ++p) {
+      const Operands<T> o = operands(p);
+      const int fk = static_cast<int>(o.K), ldb = static_cast<int>(o.ldb);
+      const int tn = static_cast<int>(t.tn);
+      const size_t bytes = round_up(sgemm_pack_get_size_(&id, &tn, &tm, &fk));
+      const c10::DataPtr buf = huge_page_allocator()->allocate(bytes * t.sn);
+      char* base = static_cast<char*>(buf.get());
+      at::parallel_for(0, t.sn, 1, [&](int64_t j0, int64_t j1) {
+        const SequentialBlas seq;
+        const float one = 1.0f;
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t n0 = j * t.tn;
+          const int ns = static_cast<int>(std::min(t.tn, N - n0));
+          sgemm_pack_(&id, &trans, &ns, &tm, &fk, &one, tb ? o.b + n0 * o.ldb : o.b + n0, &ldb,
+                      reinterpret_cast<float*>(base + j * bytes));
+        }
+      });
+      for_blocks(t.count(), t.tm * t.tn * o.K, [&](int64_t i) {
+        const int64_t m0 = i / t.sn * t.tm, j = i % t.sn, n0 = j * t.tn;
+        const int ms = static_cast<int>(std::min(t.tm, M - m0));
+        const int ns = static_cast<int>(std::min(t.tn, N - n0));
+        const int lda = static_cast<int>(o.lda), fldc = static_cast<int>(ldc);
+        const float zero = 0.0f;
+        const float* pb = reinterpret_cast<const float*>(base + j * bytes);
+        sgemm_compute_(&packed, &ta_f, &ns, &ms, &fk, pb, &ns, ta ? o.a + m0 : o.a + m0 * o.lda,
+                       &lda, &zero, o.c + m0 * ldc + n0, &fldc);
+      });
+    }
+  }
+}
+
 // C = op(A) op(B) (as product_tile), by tiles: the same bits on any thread count, where at::mm
 // lets MKL split a long contraction between threads (on the 2-core Intel Xeon, at::mm's bits
 // changed between 1 and 2 threads for 256 x 4096 x 256 and 16 x 100000 x 16, not 4099 x 33 x 67).
@@ -155,10 +258,8 @@ void product_tile(const Tiles& t, int64_t i, bool ta, bool tb, int64_t M, int64_
 template <typename T>
 void tiled_product(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda,
                    const T* b, int64_t ldb, T* c, int64_t ldc) {
-  const Tiles t = tiles_of(M, N);
-  for_blocks(t.count(), t.tm * t.tn * K, [&](int64_t i) {
-    product_tile(t, i, ta, tb, M, N, K, a, lda, b, ldb, c, ldc);
-  });
+  tiled_products<T>(tiles_of(M, N), 1, ta, tb, M, N, ldc,
+                    [&](int64_t) { return Operands<T>{K, a, lda, b, ldb, c}; });
 }
 
 // dW (N x K) = dz^T in over M rows, by tiles of dW and chunks of rows, each a fixed product
@@ -174,11 +275,10 @@ void weight_grad(const T* dz, const T* in, int64_t M, int64_t N, int64_t K, T* d
   while ((M + rows - 1) / rows > 1 && (M + rows - 1) / rows * N * K > kDwPartialElems) rows *= 2;
   const int64_t chunks = (M + rows - 1) / rows;
   std::vector<T> parts(chunks > 1 ? chunks * N * K : 0);
-  for_blocks(t.count() * chunks, t.tm * t.tn * std::min(rows, M), [&](int64_t i) {
-    const int64_t c = i / t.count(), m0 = c * rows, mr = std::min(M, m0 + rows) - m0;
-    T* dst = chunks > 1 ? parts.data() + c * N * K : dw;
-    product_tile(t, i % t.count(), true, in_trans, N, K, mr, dz + m0 * N, N,
-                 in_trans ? in + m0 : in + m0 * ld_in, ld_in, dst, K);
+  tiled_products<T>(t, chunks, true, in_trans, N, K, K, [&](int64_t c) {
+    const int64_t m0 = c * rows, mr = std::min(M, m0 + rows) - m0;
+    return Operands<T>{mr, dz + m0 * N, N, in_trans ? in + m0 : in + m0 * ld_in, ld_in,
+                       chunks > 1 ? parts.data() + c * N * K : dw};
   });
   if (chunks == 1) return;
   const int64_t total = N * K;

@@ -203,18 +203,22 @@ def _strided(t, how):
     [("slice", "slice"), ("transposed", "transposed"), ("slice", "transposed"),
      ("transposed", "slice"), ("expanded", "transposed")],
 )  # fmt: skip
-def test_strided_operands_read_in_place(x_how, w_how):
+@pytest.mark.parametrize("size", [(267, 1031, 45), (600, 1031, 600)], ids=["plain", "packed"])
+def test_strided_operands_read_in_place(x_how, w_how, size):
     """The C++ CPU kernel's fp32 products read strided operands in place (a row stride becomes
     BLAS's leading dimension, a column-major view its transpose flag; other strides are copied):
     output and the three gradients within twice the error against float64 of torch given
-    contiguous copies of the same values, and bitwise the same on 1 and 2 threads."""
+    contiguous copies of the same values, and bitwise the same on 1 and 2 threads. "packed":
+    products large enough that csrc/cpu_blas.h packs each column of tiles' shared operand once
+    (x W^T, dZ W and dZ^T X over 3 x 2, 3 x 3 and 3 x 3 tiles, partial edge tiles included)."""
     if DEVICE != "cpu" or "cpp" not in hpml_ops.available_backends("cpu"):
         pytest.skip("the tiled product is the C++ CPU kernel's (cpp backend unavailable)")
-    x0, w0, b = _make((267, 1031), 45, torch.float32, seed=53)
+    m, k, n = size
+    x0, w0, b = _make((m, k), n, torch.float32, seed=53)
     x = _strided(x0, x_how)
     w = _strided(w0, w_how)
     x0 = x.contiguous()  # the expanded case's values
-    g = torch.randn(267, 45, generator=torch.Generator().manual_seed(9))
+    g = torch.randn(m, n, generator=torch.Generator().manual_seed(9))
     ours = _ours("cpp", "none")
 
     def run(threads, fn, *args):
