@@ -101,9 +101,24 @@ def test_broadcast_bias(backend, bias_shape):
     )
 
 
+def _onednn_forward_chosen() -> bool:
+    """Whether csrc/linear_act.cpp's onednn_linear_op() takes oneDNN for large fp32 forwards:
+    HPML_NO_ONEDNN=1 off, =0 on, unset on every CPU but Intel's (there MKL's sgemm, on the tiled
+    products, was faster)."""
+    env = os.environ.get("HPML_NO_ONEDNN")
+    if env in ("0", "1"):
+        return env == "0"
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "GenuineIntel" not in f.read()
+    except OSError:
+        return True
+
+
 def test_large_product_through_onednn():
     """From 2^30 multiply-adds the C++ CPU forward runs x W^T through oneDNN's inner product
-    (when torch has it; smaller products stay on at::mm, tested above). The output against
+    (when torch has it, on a CPU other than Intel's; otherwise, and for smaller products,
+    cpu_blas.h's tiled products, tested above). The output against
     float64 at the fp32 tolerance, for a 1024- and a 4096-long contraction; the backward's dX
     and dW are csrc/cpu_blas.h's thread-count-invariant tiled products: dX over a 256-long
     contraction bitwise equal to torch's fp32 gradient (over 1024 rows both miss the per-element
@@ -111,9 +126,7 @@ def test_large_product_through_onednn():
     against float64."""
     if DEVICE != "cpu" or "cpp" not in hpml_ops.available_backends("cpu"):
         pytest.skip("the oneDNN path is the C++ CPU kernel's (cpp backend unavailable)")
-    onednn = (
-        hasattr(torch.ops.mkldnn, "_linear_pointwise") and os.environ.get("HPML_NO_ONEDNN") != "1"
-    )
+    onednn = hasattr(torch.ops.mkldnn, "_linear_pointwise") and _onednn_forward_chosen()
     atol, rtol = 1e-5, 1.3e-6  # tests/helpers.py TOL[torch.float32]
     for shape, n, act in (((1024, 1024), 1024, "relu"), ((1024, 4096), 256, "none")):
         x, w, b = _make(shape, n, torch.float32, seed=41)
@@ -122,9 +135,9 @@ def test_large_product_through_onednn():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             with hpml_ops.use_backend("cpp"):
                 out = hpml_ops.linear_act(*leaves, act)
-        if onednn:
-            names = {e.name for e in prof.events()}
-            assert any("_linear_pointwise" in e for e in names), "oneDNN inner product not used"
+        names = {e.name for e in prof.events()}
+        used = any("_linear_pointwise" in e for e in names)
+        assert used == onednn, f"oneDNN inner product {'not ' if onednn else ''}used"
         ref = hpml_ops.reference.linear_act(x.double(), w.double(), b.double(), act)
         torch.testing.assert_close(out.detach().double(), ref, atol=atol, rtol=rtol)
         if act != "none":
@@ -142,6 +155,37 @@ def test_large_product_through_onednn():
         theirs = (t_leaves[1].grad.double() - ref_dw).abs().max().item()
         assert ours <= 2 * theirs, (ours, theirs)
         torch.testing.assert_close(leaves[2].grad.double(), g.double().sum(0), atol=atol, rtol=rtol)
+
+
+# A 1024^3 fp32 forward of the C++ op (CPU): "onednn 1" where oneDNN's inner product ran it,
+# "close 1" where its output is within the fp32 tolerance of float64.
+_FORWARD_PATH = """
+import torch
+import hpml_ops
+g = torch.Generator().manual_seed(3)
+x = torch.randn(1024, 1024, generator=g)
+w, b = torch.randn(1024, 1024, generator=g) * 0.03, torch.randn(1024, generator=g)
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with hpml_ops.use_backend("cpp"):
+        out = hpml_ops.linear_act(x, w, b, "relu")
+used = any("_linear_pointwise" in e.name for e in prof.events())
+ref = torch.relu(x.double() @ w.double().t() + b.double())
+print("onednn", int(used))
+print("close", int(torch.allclose(out.double(), ref, atol=1e-5, rtol=1.3e-6)))
+"""
+
+
+def test_large_forward_either_way():
+    """HPML_NO_ONEDNN=0 takes oneDNN's inner product for a large fp32 forward on any CPU (where
+    torch has it), =1 cpu_blas.h's tiled products: both within the fp32 tolerance of float64, so
+    the way not taken by default on this CPU is tested too."""
+    if DEVICE != "cpu" or "cpp" not in hpml_ops.available_backends("cpu"):
+        pytest.skip("the oneDNN path is the C++ CPU kernel's (cpp backend unavailable)")
+    on = digests_in_subprocess(_FORWARD_PATH, HPML_NO_ONEDNN="0")
+    off = digests_in_subprocess(_FORWARD_PATH, HPML_NO_ONEDNN="1")
+    assert on["onednn"] == str(int(hasattr(torch.ops.mkldnn, "_linear_pointwise")))
+    assert off["onednn"] == "0"
+    assert on["close"] == off["close"] == "1"
 
 
 @pytest.mark.parametrize(
