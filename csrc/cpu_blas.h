@@ -150,13 +150,22 @@ inline Tiles tiles_of(int64_t M, int64_t N) {
   return t;
 }
 
+// Where tile `i` of an M x N output lies: its first row and column, its rows and columns (the
+// last row and column of tiles may be short). Tiles are numbered row of tiles by row of tiles.
+struct TileSpan {
+  int64_t m0, n0, ms, ns;
+};
+inline TileSpan span_of(const Tiles& t, int64_t i, int64_t M, int64_t N) {
+  const int64_t m0 = i / t.sn * t.tm, n0 = i % t.sn * t.tn;
+  return {m0, n0, std::min(t.tm, M - m0), std::min(t.tn, N - n0)};
+}
+
 // Tile `i` of C (M x N, ldc) = op(A) op(B) over the whole K, one sequential BLAS call; op(A) is
 // M x K (A stored K x M when ta), op(B) K x N (B stored N x K when tb).
 template <typename T>
 void product_tile(const Tiles& t, int64_t i, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
                   const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc) {
-  const int64_t m0 = i / t.sn * t.tm, n0 = i % t.sn * t.tn;
-  const int64_t ms = std::min(t.tm, M - m0), ns = std::min(t.tn, N - n0);
+  const auto [m0, n0, ms, ns] = span_of(t, i, M, N);
   gemm<T>(ta, tb, ms, ns, K, ta ? a + m0 : a + m0 * lda, lda, tb ? b + n0 * ldb : b + n0, ldb,
           false, c + m0 * ldc + n0, ldc);
 }
@@ -188,11 +197,7 @@ bool pack_columns(const Tiles& t, int64_t N, int64_t K) {
   }
 }
 
-// `products` products of one shape, C_p (M x N, ldc) = op(A_p) op(B_p) over K_p, by the tiles
-// t: each tile one sequential BLAS call over its whole contraction, in parallel. operands(p)
-// gives {K, a, lda, b, ldb, c} of product p. Where pack_columns says so, each product's column
-// tiles of op(B) are packed first (in parallel), then its tiles run on them; the packing depends
-// on the shapes alone, like the tiles.
+// Product p's operands in tiled_products: its contraction length, A, B and C.
 template <typename T>
 struct Operands {
   int64_t K;
@@ -203,6 +208,11 @@ struct Operands {
   T* c;
 };
 
+// `products` products of one shape, C_p (M x N, ldc) = op(A_p) op(B_p) over K_p, by the tiles
+// t: each tile one sequential BLAS call over its whole contraction, in parallel. operands(p)
+// gives {K, a, lda, b, ldb, c} of product p. Where pack_columns says so, each product's column
+// tiles of op(B) are packed first (in parallel), then its tiles run on them; the packing depends
+// on the shapes alone, like the tiles.
 template <typename T, typename F>
 void tiled_products(const Tiles& t, int64_t products, bool ta, bool tb, int64_t M, int64_t N,
                     int64_t ldc, const F& operands) {
@@ -238,12 +248,12 @@ void tiled_products(const Tiles& t, int64_t products, bool ta, bool tb, int64_t 
         }
       });
       for_blocks(t.count(), t.tm * t.tn * o.K, [&](int64_t i) {
-        const int64_t m0 = i / t.sn * t.tm, j = i % t.sn, n0 = j * t.tn;
-        const int ms = static_cast<int>(std::min(t.tm, M - m0));
-        const int ns = static_cast<int>(std::min(t.tn, N - n0));
+        const TileSpan sp = span_of(t, i, M, N);
+        const int64_t m0 = sp.m0, n0 = sp.n0;
+        const int ms = static_cast<int>(sp.ms), ns = static_cast<int>(sp.ns);
         const int lda = static_cast<int>(o.lda), fldc = static_cast<int>(ldc);
         const float zero = 0.0f;
-        const float* pb = reinterpret_cast<const float*>(base + j * bytes);
+        const float* pb = reinterpret_cast<const float*>(base + i % t.sn * bytes);
         sgemm_compute_(&packed, &ta_f, &ns, &ms, &fk, pb, &ns, ta ? o.a + m0 : o.a + m0 * o.lda,
                        &lda, &zero, o.c + m0 * ldc + n0, &fldc);
       });

@@ -4,8 +4,15 @@
 #include <ATen/Version.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <string>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 namespace hpml {
 namespace cpu {
@@ -26,15 +33,68 @@ int torch_capability() {
   return kDefault;
 }
 
+// The best capability whose instructions this CPU has (the flags each variant is compiled with,
+// setup.py): torch takes ATEN_CPU_CAPABILITY=avx512 at its word even on a CPU without AVX-512
+// (seen on an AMD EPYC Zen 3), where our AVX-512 kernels would stop the process.
+int hardware_capability() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("fma"))
+    return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+  return kDefault;
+}
+
 int best_allowed() {
-  const int limit = torch_capability();
+  const int limit = std::min(torch_capability(), hardware_capability());
   int best = kDefault;
   for (int c = 0; c <= limit; ++c)
     if (g_built & (1 << c)) best = c;
   return best;
 }
 
+// The CPUID vendor string: "GenuineIntel", "AuthenticAMD", ...; empty off x86.
+std::string cpu_vendor() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid(0, &a, &b, &c, &d) == 0) return {};
+  char vendor[13] = {};
+  std::memcpy(vendor, &b, 4);
+  std::memcpy(vendor + 4, &d, 4);
+  std::memcpy(vendor + 8, &c, 4);
+  return vendor;
+#else
+  return {};
+#endif
+}
+
 }  // namespace
+
+// Measured with bench_linear_act and alternating processes, 4096x1024x1024 fp32, 2 threads
+// (benchmarks/NOTES.md): on an AMD EPYC with AVX-512 (Zen 4) oneDNN's inner product ran the
+// forward in 66.9 ms where MKL's sgemm (torch.addmm) took 88.5; on an AMD EPYC without it (Zen 3,
+// AVX2) oneDNN's forward ran at 0.83-0.93x eager against 0.98-1.02x for MKL on the tiles; on the
+// Intel Xeon (AVX-512, AMX) MKL on the tiles was faster too, also under AVX2 limits. The likely
+// reason: MKL runs its AVX-512 kernels on Intel's CPUs only, so oneDNN's own AVX-512 code wins
+// where only oneDNN uses it.
+bool large_forward_onednn() {
+  static const bool on = [] {
+    const char* env = std::getenv("HPML_NO_ONEDNN");
+    const std::string v = env != nullptr ? env : "";
+    if (v == "1") return false;
+    if (v == "0") return true;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    return cpu_vendor() != "GenuineIntel" && __builtin_cpu_supports("avx512f");
+#else
+    return true;
+#endif
+  }();
+  return on;
+}
 
 const char* capability_name(int cap) {
   switch (cap) {
@@ -64,6 +124,9 @@ int force_capability(int cap) {
   }
   TORCH_CHECK_VALUE(cap < kNumCapabilities && (g_built & (1 << cap)),
                     "hpml_ops: no CPU kernels were built for ", capability_name(cap));
+  TORCH_CHECK_VALUE(cap <= hardware_capability(), "hpml_ops: this CPU has no ", capability_name(cap),
+                    " instructions; ", capability_name(cap),
+                    " kernels would use instructions it does not have");
   TORCH_CHECK_VALUE(cap <= torch_capability(), "hpml_ops: this CPU runs torch's ",
                     capability_name(torch_capability()), " kernels; ", capability_name(cap),
                     " kernels would use instructions it may not have");

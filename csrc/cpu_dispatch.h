@@ -38,6 +38,12 @@ int force_capability(int cap);
 int built_capabilities();
 void mark_built(int cap);
 
+// Whether the large fp32 linear forwards (csrc/linear_act.cpp) go to oneDNN's inner product,
+// where this torch has it, rather than to the tiled products over torch's BLAS (csrc/cpu_blas.h):
+// by default only on an x86 CPU other than Intel's with AVX-512 (and off x86); HPML_NO_ONEDNN=1
+// never, =0 always. Decided once; hpml_ops._C._large_forward_onednn() reports it.
+bool large_forward_onednn();
+
 // One tag type per op (incomplete, the same in every translation unit): the key of its slots.
 namespace tag {
 #define HPML_CPU_TAG(name, schema) struct name;

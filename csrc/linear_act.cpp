@@ -16,15 +16,10 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <string>
 #include <vector>
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <cpuid.h>
-#endif
 
 #include "cpu_alloc.h"
 #include "cpu_blas.h"
@@ -43,36 +38,14 @@ constexpr int64_t kRowChunk = 16;
 // whenever the other thread is descheduled; a small layer's epilogue (256 x 120) takes ~5 us.
 constexpr int64_t kSerialElems = 32768;
 
-// Whether the CPU is Intel's ("GenuineIntel"): there MKL's sgemm is Intel's own tuned code.
-bool intel_cpu() {
-#if defined(__x86_64__) || defined(__i386__)
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  if (__get_cpuid(0, &a, &b, &c, &d) == 0) return false;
-  char vendor[13] = {};
-  std::memcpy(vendor, &b, 4);
-  std::memcpy(vendor + 4, &d, 4);
-  std::memcpy(vendor + 8, &c, 4);
-  return std::strcmp(vendor, "GenuineIntel") == 0;
-#else
-  return false;
-#endif
-}
-
 // oneDNN's inner product (mkldnn::_linear_pointwise, the op Inductor's CPU fusion calls) for the
-// large fp32 forward when this torch has it, except on Intel CPUs. On the 2-core AMD EPYC CI
-// machine it ran x W^T for 4096x1024x1024 in 66.9 ms where torch.addmm (MKL sgemm) took 88.5 ms,
-// and dZ W in 69.4 ms (with the copy of W^T) against 87.5 ms. On the 2-core Intel Xeon (AVX-512,
-// AMX) MKL's sgemm through the tiled products with their packed operand (cpu_blas.h) ran the
-// forward faster: bench_linear_act 4096x1024x1024 fwd 1.067-1.085x eager against oneDNN's
-// 1.049-1.075x, fwd+bwd 1.081-1.100x against 1.046-1.072x, three alternating pairs
-// (benchmarks/NOTES.md). Looked up at run time, so a torch built without oneDNN takes the tiled
-// products; HPML_NO_ONEDNN=1 turns it off, =0 on (also on Intel; to compare). Same fp32
-// arithmetic (no reduced-precision mode).
+// large fp32 forward when this torch has it and cpu::large_forward_onednn() says so (on which
+// CPUs it was the faster: csrc/cpu_dispatch.cpp); otherwise the tiled products over MKL's sgemm
+// with their packed operand (cpu_blas.h). Looked up at run time, so a torch built without oneDNN
+// takes the tiled products. Same fp32 arithmetic (no reduced-precision mode).
 const c10::OperatorHandle* onednn_linear_op() {
   static const std::optional<c10::OperatorHandle> op = [] {
-    const char* env = std::getenv("HPML_NO_ONEDNN");
-    const std::string v = env != nullptr ? env : "";
-    if (v == "1" || (v != "0" && intel_cpu())) return std::optional<c10::OperatorHandle>();
+    if (!cpu::large_forward_onednn()) return std::optional<c10::OperatorHandle>();
     return c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", ""});
   }();
   return op ? &*op : nullptr;

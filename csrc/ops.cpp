@@ -104,10 +104,18 @@ PyObject* force_cpu_capability(PyObject*, PyObject* arg) {
   }
 }
 
+// hpml_ops._C._large_forward_onednn(): whether large fp32 linear forwards go to oneDNN's inner
+// product where torch has it (cpu::large_forward_onednn()).
+PyObject* large_forward_onednn(PyObject*, PyObject*) {
+  return PyBool_FromLong(hpml::cpu::large_forward_onednn() ? 1 : 0);
+}
+
 PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS, "The ISA variant of the CPU kernels in use."},
     {"cpu_capabilities_built", cpu_capabilities_built, METH_NOARGS,
      "The ISA variants of the CPU kernels this build holds."},
+    {"_large_forward_onednn", large_forward_onednn, METH_NOARGS,
+     "Whether large fp32 linear forwards go to oneDNN's inner product where torch has it."},
     {"_force_cpu_capability", force_cpu_capability, METH_O,
      "Run the CPU kernels of this variant (None: the automatic choice); returns the one before."},
     {nullptr, nullptr, 0, nullptr},

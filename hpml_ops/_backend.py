@@ -135,14 +135,17 @@ def cpu_capability() -> str | None:
 def backend_status(device: str | torch.device | None = None) -> dict[str, str]:
     """For each backend: "available", or the reason it is not, for tensors of ``device``. For
     the C++ kernels on CPU tensors: "available: <variant> CPU kernels (...)", naming the ISA
-    variant in use, those built and torch's capability."""
+    variant in use, those built, torch's capability, and what runs large fp32 linear forwards
+    (oneDNN's inner product or the tiled products over torch's BLAS: csrc/cpu_dispatch.cpp)."""
     dt = torch.device(device).type if device is not None else _default_device_type()
     status = {b: unavailable_reason(b, dt) or "available" for b in BACKENDS}
     if dt == "cpu" and status["cpp"] == "available":
+        onednn = hasattr(torch.ops.mkldnn, "_linear_pointwise")
         status["cpp"] = (
             f"available: {cpu_capability()} CPU kernels (built: "
             f"{', '.join(_C.cpu_capabilities_built())}; torch's capability: "
-            f"{torch.backends.cpu.get_cpu_capability()})"
+            f"{torch.backends.cpu.get_cpu_capability()}; large fp32 linear forwards: "
+            f"{'oneDNN' if _C._large_forward_onednn() and onednn else 'MKL tiles'})"
         )
     return status
 

@@ -102,22 +102,38 @@ def test_broadcast_bias(backend, bias_shape):
 
 
 def _onednn_forward_chosen() -> bool:
-    """Whether csrc/linear_act.cpp's onednn_linear_op() takes oneDNN for large fp32 forwards:
-    HPML_NO_ONEDNN=1 off, =0 on, unset on every CPU but Intel's (there MKL's sgemm, on the tiled
-    products, was faster)."""
-    env = os.environ.get("HPML_NO_ONEDNN")
-    if env in ("0", "1"):
-        return env == "0"
+    """Whether the C++ CPU forward takes oneDNN for large fp32 products: the extension's own
+    answer (csrc/cpu_dispatch.cpp's large_forward_onednn)."""
+    from hpml_ops._backend import _C
+
+    return bool(_C._large_forward_onednn())
+
+
+def test_large_forward_default_rule():
+    """Without HPML_NO_ONEDNN the large fp32 forward goes to oneDNN only on an x86 CPU other than
+    Intel's with AVX-512 (where it was the faster: an AMD EPYC Zen 4; MKL's sgemm on the tiles
+    was faster on an AMD EPYC without AVX-512 and on an Intel Xeon), as documented."""
+    if DEVICE != "cpu" or "cpp" not in hpml_ops.available_backends("cpu"):
+        pytest.skip("the choice is the C++ CPU kernel's (cpp backend unavailable)")
+    if os.environ.get("HPML_NO_ONEDNN") in ("0", "1"):
+        pytest.skip("HPML_NO_ONEDNN is set in this environment: the default is not in use")
     try:
         with open("/proc/cpuinfo") as f:
-            return "GenuineIntel" not in f.read()
+            info = f.read()
     except OSError:
-        return True
+        pytest.skip("no /proc/cpuinfo to read the CPU's vendor and flags from")
+    if "vendor_id" not in info:
+        pytest.skip("/proc/cpuinfo names no x86 vendor (not an x86 CPU): oneDNN by default")
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []
+    )
+    expected = "GenuineIntel" not in info and "avx512f" in flags
+    assert _onednn_forward_chosen() == expected
 
 
 def test_large_product_through_onednn():
     """From 2^30 multiply-adds the C++ CPU forward runs x W^T through oneDNN's inner product
-    (when torch has it, on a CPU other than Intel's; otherwise, and for smaller products,
+    (when torch has it, where large_forward_onednn says so; otherwise, and for smaller products,
     cpu_blas.h's tiled products, tested above). The output against
     float64 at the fp32 tolerance, for a 1024- and a 4096-long contraction; the backward's dX
     and dW are csrc/cpu_blas.h's thread-count-invariant tiled products: dX over a 256-long
@@ -171,6 +187,7 @@ with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as
 used = any("_linear_pointwise" in e.name for e in prof.events())
 ref = torch.relu(x.double() @ w.double().t() + b.double())
 print("onednn", int(used))
+print("chosen", int(hpml_ops._backend._C._large_forward_onednn()))
 print("close", int(torch.allclose(out.double(), ref, atol=1e-5, rtol=1.3e-6)))
 """
 
@@ -185,6 +202,7 @@ def test_large_forward_either_way():
     off = digests_in_subprocess(_FORWARD_PATH, HPML_NO_ONEDNN="1")
     assert on["onednn"] == str(int(hasattr(torch.ops.mkldnn, "_linear_pointwise")))
     assert off["onednn"] == "0"
+    assert (on["chosen"], off["chosen"]) == ("1", "0")
     assert on["close"] == off["close"] == "1"
 
 
