@@ -7,12 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
-#include <cstring>
 #include <string>
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <cpuid.h>
-#endif
 
 namespace hpml {
 namespace cpu {
@@ -56,21 +51,6 @@ int best_allowed() {
   return best;
 }
 
-// The CPUID vendor string: "GenuineIntel", "AuthenticAMD", ...; empty off x86.
-std::string cpu_vendor() {
-#if defined(__x86_64__) || defined(__i386__)
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  if (__get_cpuid(0, &a, &b, &c, &d) == 0) return {};
-  char vendor[13] = {};
-  std::memcpy(vendor, &b, 4);
-  std::memcpy(vendor + 4, &d, 4);
-  std::memcpy(vendor + 8, &c, 4);
-  return vendor;
-#else
-  return {};
-#endif
-}
-
 }  // namespace
 
 // Measured with bench_linear_act and alternating processes, 4096x1024x1024 fp32, 2 threads
@@ -87,8 +67,8 @@ bool large_forward_onednn() {
     if (v == "1") return false;
     if (v == "0") return true;
 #if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init();
-    return cpu_vendor() != "GenuineIntel" && __builtin_cpu_supports("avx512f");
+    __builtin_cpu_init();  // before __builtin_cpu_is (hardware_capability() calls it too)
+    return !__builtin_cpu_is("intel") && hardware_capability() == kAvx512;
 #else
     return true;
 #endif
@@ -124,9 +104,8 @@ int force_capability(int cap) {
   }
   TORCH_CHECK_VALUE(cap < kNumCapabilities && (g_built & (1 << cap)),
                     "hpml_ops: no CPU kernels were built for ", capability_name(cap));
-  TORCH_CHECK_VALUE(cap <= hardware_capability(), "hpml_ops: this CPU has no ", capability_name(cap),
-                    " instructions; ", capability_name(cap),
-                    " kernels would use instructions it does not have");
+  TORCH_CHECK_VALUE(cap <= hardware_capability(), "hpml_ops: ", capability_name(cap),
+                    " kernels would use instructions this CPU does not have");
   TORCH_CHECK_VALUE(cap <= torch_capability(), "hpml_ops: this CPU runs torch's ",
                     capability_name(torch_capability()), " kernels; ", capability_name(cap),
                     " kernels would use instructions it may not have");

@@ -145,7 +145,7 @@ def backend_status(device: str | torch.device | None = None) -> dict[str, str]:
             f"available: {cpu_capability()} CPU kernels (built: "
             f"{', '.join(_C.cpu_capabilities_built())}; torch's capability: "
             f"{torch.backends.cpu.get_cpu_capability()}; large fp32 linear forwards: "
-            f"{'oneDNN' if _C._large_forward_onednn() and onednn else 'MKL tiles'})"
+            f"{'oneDNN' if _C._large_forward_onednn() and onednn else 'tiled BLAS products'})"
         )
     return status
 
